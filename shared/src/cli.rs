@@ -1,0 +1,48 @@
+//! What every binary's `main` shares: settings first (exit 2 on error, before any I/O),
+//! then tracing, the shutdown token, the library's `run`, and an exit code from the outcome.
+
+use crate::error::{SettingsError, exit_code};
+use crate::settings::Settings;
+use std::future::Future;
+use std::path::Path;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Loads settings from `config` and the environment, or prints one line naming the bad key.
+pub fn load_settings(config: Option<&Path>) -> Result<Settings, ExitCode> {
+    Settings::load(config).map_err(|e: SettingsError| {
+        eprintln!("error: {e}");
+        ExitCode::from(crate::error::EXIT_USAGE)
+    })
+}
+
+/// Runs `service` on a multi-threaded tokio runtime with tracing and a shutdown token, and maps
+/// its outcome to an exit code (DESIGN.md "Exit codes"). Errors are printed with their causes.
+pub fn run<F, Fut>(settings: Settings, service: F) -> ExitCode
+where
+    F: FnOnce(Settings, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    crate::telemetry::init(settings.log.format, "info");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(crate::error::EXIT_RUNTIME);
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let shutdown = crate::shutdown::on_signals()?;
+        service(settings, shutdown).await
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            exit_code(&error)
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! The v1 wire contract (DESIGN.md "Wire contract"): the one place where bytes become typed
+//! messages and back. JSON Schemas of these messages live in `schemas/` at the repository root.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The envelope version this build reads and writes.
+pub const VERSION: u32 = 1;
+/// Header: delivery attempts before this one (0 on first publish).
+pub const HEADER_ATTEMPT: &str = "x-fleet-attempt";
+/// Header on dead-lettered messages: why it was dead-lettered.
+pub const HEADER_ERROR: &str = "x-fleet-error";
+/// Header on dead-lettered messages: the routing key the task was published with.
+pub const HEADER_ROUTING_KEY: &str = "x-fleet-routing-key";
+/// Header on retried messages: which delay queue holds them.
+pub const HEADER_DELAY: &str = "x-fleet-delay";
+/// Header: W3C trace context, when the caller had one.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// `content_type` of every fleet message.
+pub const CONTENT_TYPE: &str = "application/json";
+/// AMQP `type` property of a batch manifest on the result path.
+pub const BATCH_TYPE: &str = "batch";
+
+/// A task as published to `fleet.tasks` with routing key = `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Envelope version; always [`VERSION`].
+    pub v: u32,
+    /// Task id: a UUID or the caller's idempotency key.
+    pub id: String,
+    /// Handler name, also the routing key.
+    pub kind: String,
+    /// The batch this task belongs to, if any.
+    pub batch: Option<String>,
+    /// Handler input.
+    pub payload: Value,
+    /// When the task was made.
+    pub created_at: DateTime<Utc>,
+    /// After this instant the task is not run.
+    pub deadline: Option<DateTime<Utc>>,
+}
+
+impl Task {
+    /// A new v1 task created now.
+    pub fn new(id: String, kind: String, batch: Option<String>, payload: Value) -> Self {
+        Self {
+            v: VERSION,
+            id,
+            kind,
+            batch,
+            payload,
+            created_at: Utc::now(),
+            deadline: None,
+        }
+    }
+}
+
+/// `ok` or `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The handler returned an output.
+    Ok,
+    /// The handler failed for good.
+    Failed,
+}
+
+/// Why a task failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// A short machine-readable category, e.g. `overflow`, `not_allowed`, `invalid_payload`.
+    pub kind: String,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+/// A result as published to `fleet.results`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// Envelope version; always [`VERSION`].
+    pub v: u32,
+    /// The task's id.
+    pub task_id: String,
+    /// The task's batch.
+    pub batch: Option<String>,
+    /// The task's kind.
+    pub kind: String,
+    /// Outcome.
+    pub status: Status,
+    /// Handler output when `status` is ok.
+    pub output: Option<Value>,
+    /// Why it failed when `status` is failed.
+    pub error: Option<ErrorInfo>,
+    /// Attempts made, this one included.
+    pub attempts: u32,
+    /// `<host>/<pid>/<slot>` of the worker that ran it.
+    pub worker: String,
+    /// When the handler started.
+    pub started_at: DateTime<Utc>,
+    /// When the handler finished.
+    pub finished_at: DateTime<Utc>,
+}
+
+/// Published to the result path with a batch, so the collector knows its size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchManifest {
+    /// Envelope version; always [`VERSION`].
+    pub v: u32,
+    /// Always `"batch"`.
+    #[serde(rename = "type")]
+    pub kind_of_message: String,
+    /// The batch id.
+    pub batch: String,
+    /// Tasks in the batch.
+    pub total: u64,
+    /// Kind of its tasks.
+    pub kind: String,
+}
+
+impl BatchManifest {
+    /// The manifest of `batch`, `total` tasks of `kind`.
+    pub fn new(batch: String, total: u64, kind: String) -> Self {
+        Self {
+            v: VERSION,
+            kind_of_message: BATCH_TYPE.to_owned(),
+            batch,
+            total,
+            kind,
+        }
+    }
+}
+
+/// What arrives on `fleet.results`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResultMessage {
+    /// A task's result.
+    Result(TaskResult),
+    /// A batch manifest.
+    Manifest(BatchManifest),
+}
+
+/// Why a body is not a valid v1 message.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not JSON, or JSON of the wrong shape.
+    #[error("undecodable body: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// A version this build does not speak.
+    #[error("unsupported envelope version {0} (this build reads {VERSION})")]
+    Version(u64),
+    /// No `v` field.
+    #[error("undecodable body: no envelope version `v`")]
+    NoVersion,
+}
+
+fn check_version(value: &Value) -> Result<(), DecodeError> {
+    match value.get("v").and_then(Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => Ok(()),
+        Some(v) => Err(DecodeError::Version(v)),
+        None => Err(DecodeError::NoVersion),
+    }
+}
+
+/// Decodes a task body. Fails on bad JSON, a wrong shape or another envelope version.
+pub fn decode_task(body: &[u8]) -> Result<Task, DecodeError> {
+    let value: Value = serde_json::from_slice(body)?;
+    check_version(&value)?;
+    let task: Task = serde_json::from_value(value)?;
+    if task.kind.is_empty() || task.id.is_empty() {
+        return Err(DecodeError::Malformed(serde::de::Error::custom(
+            "`id` and `kind` must not be empty",
+        )));
+    }
+    Ok(task)
+}
+
+/// Decodes what arrives on the result path: a result or a batch manifest.
+pub fn decode_result(body: &[u8]) -> Result<ResultMessage, DecodeError> {
+    let value: Value = serde_json::from_slice(body)?;
+    check_version(&value)?;
+    if value.get("type").and_then(Value::as_str) == Some(BATCH_TYPE) {
+        Ok(ResultMessage::Manifest(serde_json::from_value(value)?))
+    } else {
+        Ok(ResultMessage::Result(serde_json::from_value(value)?))
+    }
+}
+
+/// Encodes any envelope message.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    // Envelope types hold only strings, numbers, timestamps and JSON values: serialising
+    // them cannot fail.
+    serde_json::to_vec(message).expect("envelope types always serialise")
+}
+
+/// Decodes a handler payload or other caller JSON into `T`, for the HTTP API and handlers.
+pub fn decode_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
+/// Converts a JSON value into a typed payload or back (handler inputs and outputs).
+pub fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, serde_json::Error> {
+    serde_json::from_value(value)
+}
+
+/// Converts a handler output into a JSON value.
+pub fn to_value<T: Serialize>(value: &T) -> Result<Value, serde_json::Error> {
+    serde_json::to_value(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn task_round_trips() {
+        let task = Task::new(
+            "t1".into(),
+            "square".into(),
+            Some("b1".into()),
+            json!({"n": 3}),
+        );
+        assert_eq!(decode_task(&encode(&task)).expect("decodes"), task);
+    }
+
+    #[test]
+    fn result_and_manifest_are_told_apart() {
+        let manifest = BatchManifest::new("b1".into(), 10, "square".into());
+        assert_eq!(
+            decode_result(&encode(&manifest)).expect("decodes"),
+            ResultMessage::Manifest(manifest)
+        );
+        let now = Utc::now();
+        let result = TaskResult {
+            v: VERSION,
+            task_id: "t1".into(),
+            batch: None,
+            kind: "square".into(),
+            status: Status::Ok,
+            output: Some(json!({"n": 3, "square": 9})),
+            error: None,
+            attempts: 1,
+            worker: "h/1/0".into(),
+            started_at: now,
+            finished_at: now,
+        };
+        assert_eq!(
+            decode_result(&encode(&result)).expect("decodes"),
+            ResultMessage::Result(result)
+        );
+    }
+
+    #[test]
+    fn the_documented_example_decodes() {
+        let body = br#"{"v":1,"id":"x","kind":"square","batch":null,"payload":{"n":3411},
+            "created_at":"2026-01-01T00:00:00Z","deadline":null}"#;
+        let task = decode_task(body).expect("decodes");
+        assert_eq!(task.payload["n"], 3411);
+    }
+
+    #[test]
+    fn bad_bodies_say_why() {
+        assert!(matches!(
+            decode_task(b"not json"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_task(br#"{"id":"x"}"#),
+            Err(DecodeError::NoVersion)
+        ));
+        assert!(matches!(
+            decode_task(br#"{"v":2,"id":"x","kind":"k"}"#),
+            Err(DecodeError::Version(2))
+        ));
+        assert!(matches!(
+            decode_task(br#"{"v":1,"id":"x"}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,485 @@
+//! Layered settings: built-in defaults, then a file (`--config PATH` or `FLEET_CONFIG`), then the
+//! environment (`FLEET_<SECTION>__<KEY>`, e.g. `FLEET_AMQP__URL`, `FLEET_CONSUMER__WORKERS`).
+//!
+//! [`Settings::load`] validates everything before any I/O and names the offending key on error.
+//! Secrets never come from the command line: the broker password comes from the URL, from
+//! `amqp.password_file` (`FLEET_AMQP__PASSWORD_FILE`), or from systemd's
+//! `$CREDENTIALS_DIRECTORY/amqp-password`.
+
+use crate::error::SettingsError;
+use config::{Config, Environment, File};
+use lapin::uri::AMQPUri;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The systemd credential name that holds the broker password (`LoadCredential=amqp-password:...`).
+pub const CREDENTIAL_NAME: &str = "amqp-password";
+
+/// All fleet settings. Every service reads the same structure and uses its own sections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Broker connection.
+    pub amqp: AmqpSettings,
+    /// Queue types, delivery limit, retry delays.
+    pub topology: TopologySettings,
+    /// The worker process.
+    pub consumer: ConsumerSettings,
+    /// The submit CLI and HTTP API.
+    pub producer: ProducerSettings,
+    /// The result store and its read API.
+    pub collector: CollectorSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// `[amqp]`: how to reach the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// Broker URL. Default `amqp://guest:guest@127.0.0.1:5672/%2f`. Env `FLEET_AMQP__URL`.
+    pub url: String,
+    /// File whose first line is the broker password; overrides a password in `url`.
+    /// Default none (then `$CREDENTIALS_DIRECTORY/amqp-password` if present).
+    /// Env `FLEET_AMQP__PASSWORD_FILE`.
+    pub password_file: Option<PathBuf>,
+    /// Publishes awaiting a broker confirm at once, per publisher. Default 1024.
+    /// Env `FLEET_AMQP__PUBLISH_WINDOW`.
+    pub publish_window: usize,
+    /// Seconds to wait for the broker to accept a connection. Default 10.
+    /// Env `FLEET_AMQP__CONNECT_TIMEOUT_SECS`.
+    pub connect_timeout_secs: u64,
+    /// Password read from `password_file` or the systemd credential; never printed.
+    #[serde(skip)]
+    password: Option<String>,
+}
+
+/// Queue type of the work, dead-letter and result queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated, with a delivery limit (the default).
+    Quorum,
+    /// Single-node classic queue.
+    Classic,
+}
+
+/// `[topology]`: arguments of the queues every service declares.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologySettings {
+    /// `quorum` or `classic`. Default `quorum`. Env `FLEET_TOPOLOGY__QUEUE_TYPE`.
+    pub queue_type: QueueType,
+    /// Deliveries of one message before a quorum queue dead-letters it (poison-message backstop).
+    /// Default 5. Env `FLEET_TOPOLOGY__DELIVERY_LIMIT`.
+    pub delivery_limit: u32,
+    /// Retry delay queues, in milliseconds; retry N waits the Nth (the last repeats).
+    /// Default `[1000, 5000, 30000, 120000, 600000]`. Env `FLEET_TOPOLOGY__RETRY_DELAYS_MS=1000,5000`.
+    pub retry_delays_ms: Vec<u64>,
+}
+
+/// `[consumer]`: the worker process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerSettings {
+    /// Compute slots, and threads in the blocking pool. Default: the number of CPU cores.
+    /// Env `FLEET_CONSUMER__WORKERS`.
+    pub workers: usize,
+    /// I/O-bound handlers running at once. Default 256. Env `FLEET_CONSUMER__IO_CONCURRENCY`.
+    pub io_concurrency: usize,
+    /// Unacked deliveries per worker slot (prefetch = workers x this). Default 4.
+    /// Env `FLEET_CONSUMER__PREFETCH_PER_WORKER`.
+    pub prefetch_per_worker: u16,
+    /// Largest task body accepted, in bytes; larger ones are dead-lettered. Default 1048576.
+    /// Env `FLEET_CONSUMER__MAX_MESSAGE_BYTES`.
+    pub max_message_bytes: usize,
+    /// Attempts per task, the first included, before a retryable failure is final. Default 5.
+    /// Env `FLEET_CONSUMER__MAX_ATTEMPTS`.
+    pub max_attempts: u32,
+    /// Seconds in-flight tasks get to finish after SIGTERM. Default 30.
+    /// Env `FLEET_CONSUMER__GRACE_PERIOD_SECS`.
+    pub grace_period_secs: u64,
+    /// The `exec` handler.
+    pub exec: ExecSettings,
+}
+
+/// `[consumer.exec]`: external programs a consumer may run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSettings {
+    /// Allow-list: name -> absolute path. Default empty (nothing runs).
+    /// Env `FLEET_CONSUMER__EXEC__PROGRAMS__<NAME>=/abs/path`.
+    pub programs: BTreeMap<String, PathBuf>,
+    /// Milliseconds a program may run before it is killed. Default 10000.
+    /// Env `FLEET_CONSUMER__EXEC__TIMEOUT_MS`.
+    pub timeout_ms: u64,
+    /// Bytes kept of each of stdout and stderr. Default 65536.
+    /// Env `FLEET_CONSUMER__EXEC__MAX_OUTPUT_BYTES`.
+    pub max_output_bytes: usize,
+}
+
+/// `[producer]`: the submit CLI and the HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProducerSettings {
+    /// HTTP API listen address. Default `127.0.0.1:8080`. Env `FLEET_PRODUCER__LISTEN`.
+    pub listen: String,
+    /// The collector's read API, for `submit --wait` and `demo`. Default `http://127.0.0.1:8081`.
+    /// Env `FLEET_PRODUCER__COLLECTOR_URL`.
+    pub collector_url: String,
+    /// Broker connections in the HTTP API's pool. Default 4. Env `FLEET_PRODUCER__POOL_SIZE`.
+    pub pool_size: usize,
+    /// Largest batch the HTTP API accepts, in tasks. Default 10000.
+    /// Env `FLEET_PRODUCER__MAX_BATCH`.
+    pub max_batch: usize,
+    /// Largest HTTP request body, in bytes. Default 16777216. Env `FLEET_PRODUCER__MAX_BODY_BYTES`.
+    pub max_body_bytes: usize,
+}
+
+/// `[collector]`: the result store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorSettings {
+    /// SQLite database file. Default `./fleet-results.db`. Env `FLEET_COLLECTOR__DB`.
+    pub db: PathBuf,
+    /// HTTP read API listen address. Default `127.0.0.1:8081`. Env `FLEET_COLLECTOR__LISTEN`.
+    pub listen: String,
+    /// Results per transaction at most. Default 1000. Env `FLEET_COLLECTOR__BATCH_SIZE`.
+    pub batch_size: usize,
+    /// Milliseconds a partial transaction waits for more results. Default 5.
+    /// Env `FLEET_COLLECTOR__FLUSH_INTERVAL_MS`.
+    pub flush_interval_ms: u64,
+    /// Seconds to finish storing in-flight results after SIGTERM. Default 10.
+    /// Env `FLEET_COLLECTOR__GRACE_PERIOD_SECS`.
+    pub grace_period_secs: u64,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable (the default).
+    Pretty,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `pretty` or `json`. Default `pretty`. Env `FLEET_LOG__FORMAT`. Levels come from `RUST_LOG`.
+    pub format: LogFormat,
+}
+
+const DEFAULTS: &str = r#"
+[amqp]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+publish_window = 1024
+connect_timeout_secs = 10
+
+[topology]
+queue_type = "quorum"
+delivery_limit = 5
+retry_delays_ms = [1000, 5000, 30000, 120000, 600000]
+
+[consumer]
+io_concurrency = 256
+prefetch_per_worker = 4
+max_message_bytes = 1048576
+max_attempts = 5
+grace_period_secs = 30
+
+[consumer.exec]
+programs = {}
+timeout_ms = 10000
+max_output_bytes = 65536
+
+[producer]
+listen = "127.0.0.1:8080"
+collector_url = "http://127.0.0.1:8081"
+pool_size = 4
+max_batch = 10000
+max_body_bytes = 16777216
+
+[collector]
+db = "./fleet-results.db"
+listen = "127.0.0.1:8081"
+batch_size = 1000
+flush_interval_ms = 5
+grace_period_secs = 10
+
+[log]
+format = "pretty"
+"#;
+
+impl Settings {
+    /// Loads defaults, then `file` (or `$FLEET_CONFIG`), then the process environment.
+    ///
+    /// Fails with a [`SettingsError`] naming the key when a value is missing, malformed or out of
+    /// range, or when the password file cannot be read.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, env)
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (tests, embedding).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let env: std::collections::HashMap<String, String> = env.into_iter().collect();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut builder = Config::builder()
+            .add_source(File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .set_default("consumer.workers", cores as u64)
+            .map_err(|e| SettingsError::new("consumer.workers", e.to_string()))?;
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| env.get("FLEET_CONFIG").map(PathBuf::from));
+        if let Some(path) = &file {
+            if !path.is_file() {
+                return Err(SettingsError::new(
+                    "config",
+                    format!("no settings file at {}", path.display()),
+                ));
+            }
+            builder = builder.add_source(File::from(path.as_path()));
+        }
+        let fleet_env: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("FLEET_") && k.as_str() != "FLEET_CONFIG")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("FLEET")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("topology.retry_delays_ms")
+                .source(Some(fleet_env)),
+        );
+        let config = builder.build().map_err(from_config_error)?;
+        let mut settings: Settings = config.try_deserialize().map_err(from_config_error)?;
+        settings.amqp.password = read_password(&settings.amqp, &env)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let positive = [
+            ("consumer.workers", self.consumer.workers),
+            ("consumer.io_concurrency", self.consumer.io_concurrency),
+            (
+                "consumer.max_message_bytes",
+                self.consumer.max_message_bytes,
+            ),
+            ("consumer.max_attempts", self.consumer.max_attempts as usize),
+            (
+                "consumer.prefetch_per_worker",
+                self.consumer.prefetch_per_worker.into(),
+            ),
+            ("amqp.publish_window", self.amqp.publish_window),
+            ("producer.pool_size", self.producer.pool_size),
+            ("producer.max_batch", self.producer.max_batch),
+            ("collector.batch_size", self.collector.batch_size),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(SettingsError::new(key, "must be at least 1"));
+            }
+        }
+        let prefetch = self.consumer.workers * usize::from(self.consumer.prefetch_per_worker);
+        if prefetch > usize::from(u16::MAX) {
+            return Err(SettingsError::new(
+                "consumer.prefetch_per_worker",
+                "workers x prefetch_per_worker must fit in 65535",
+            ));
+        }
+        if self.topology.retry_delays_ms.is_empty() {
+            return Err(SettingsError::new(
+                "topology.retry_delays_ms",
+                "needs at least one delay",
+            ));
+        }
+        if self.topology.retry_delays_ms.contains(&0) {
+            return Err(SettingsError::new(
+                "topology.retry_delays_ms",
+                "delays must be at least 1 ms",
+            ));
+        }
+        self.amqp_uri()?;
+        for (name, path) in &self.consumer.exec.programs {
+            if !path.is_absolute() {
+                return Err(SettingsError::new(
+                    format!("consumer.exec.programs.{name}"),
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+        }
+        for (key, addr) in [
+            ("producer.listen", &self.producer.listen),
+            ("collector.listen", &self.collector.listen),
+        ] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(SettingsError::new(
+                    key,
+                    format!("`{addr}` is not an address:port"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The broker URI with the password from the password file applied.
+    ///
+    /// Fails when `amqp.url` is not an AMQP URI.
+    pub fn amqp_uri(&self) -> Result<AMQPUri, SettingsError> {
+        let mut uri: AMQPUri = self
+            .amqp
+            .url
+            .parse()
+            .map_err(|e: String| SettingsError::new("amqp.url", e))?;
+        if let Some(password) = &self.amqp.password {
+            uri.authority.userinfo.password = password.clone();
+        }
+        Ok(uri)
+    }
+
+    /// Prefetch count of a consumer: workers x prefetch_per_worker (validated to fit in u16).
+    pub fn prefetch(&self) -> u16 {
+        let n = self.consumer.workers * usize::from(self.consumer.prefetch_per_worker);
+        u16::try_from(n).unwrap_or(u16::MAX)
+    }
+
+    /// The consumer's drain grace period.
+    pub fn consumer_grace(&self) -> Duration {
+        Duration::from_secs(self.consumer.grace_period_secs)
+    }
+}
+
+fn read_password(
+    amqp: &AmqpSettings,
+    env: &std::collections::HashMap<String, String>,
+) -> Result<Option<String>, SettingsError> {
+    let (key, path) = match (&amqp.password_file, env.get("CREDENTIALS_DIRECTORY")) {
+        (Some(path), _) => ("amqp.password_file", path.clone()),
+        (None, Some(dir)) if Path::new(dir).join(CREDENTIAL_NAME).is_file() => (
+            "CREDENTIALS_DIRECTORY",
+            Path::new(dir).join(CREDENTIAL_NAME),
+        ),
+        _ => return Ok(None),
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| SettingsError::new(key, format!("cannot read {}: {e}", path.display())))?;
+    let password = text.lines().next().unwrap_or_default().to_owned();
+    if password.is_empty() {
+        return Err(SettingsError::new(
+            key,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(Some(password))
+}
+
+fn from_config_error(error: config::ConfigError) -> SettingsError {
+    match &error {
+        config::ConfigError::Type { key: Some(key), .. } => {
+            SettingsError::new(key.clone(), error.to_string())
+        }
+        config::ConfigError::NotFound(key) => SettingsError::new(key.clone(), "missing"),
+        _ => {
+            // serde messages name the field ("unknown field `wrokers`") but not its section.
+            let message = error.to_string();
+            let key = message
+                .split('`')
+                .nth(1)
+                .map_or_else(|| "settings".to_owned(), str::to_owned);
+            SettingsError::new(key, message)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_without_any_source() {
+        let s = Settings::load_from(None, env(&[])).expect("defaults are valid");
+        assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.topology.queue_type, QueueType::Quorum);
+        assert!(s.consumer.workers >= 1);
+        assert_eq!(s.collector.db, PathBuf::from("./fleet-results.db"));
+    }
+
+    #[test]
+    fn environment_overrides_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("fleet-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("fleet.toml");
+        std::fs::write(&file, "[consumer]\nworkers = 7\nio_concurrency = 9\n").expect("write");
+        let s = Settings::load_from(
+            Some(&file),
+            env(&[
+                ("FLEET_CONSUMER__WORKERS", "3"),
+                ("FLEET_TOPOLOGY__RETRY_DELAYS_MS", "10,20"),
+                ("FLEET_CONSUMER__EXEC__PROGRAMS__ECHO", "/bin/echo"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(s.consumer.workers, 3);
+        assert_eq!(s.consumer.io_concurrency, 9);
+        assert_eq!(s.topology.retry_delays_ms, vec![10, 20]);
+        assert_eq!(s.consumer.exec.programs["echo"], PathBuf::from("/bin/echo"));
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let err = Settings::load_from(None, env(&[("FLEET_CONSUMER__WORKERS", "many")]))
+            .expect_err("not a number");
+        assert_eq!(err.key, "consumer.workers");
+        let err = Settings::load_from(None, env(&[("FLEET_CONSUMER__WORKERS", "0")]))
+            .expect_err("zero workers");
+        assert_eq!(err.key, "consumer.workers");
+        let err = Settings::load_from(None, env(&[("FLEET_AMQP__URL", "http://nope")]))
+            .expect_err("not amqp");
+        assert_eq!(err.key, "amqp.url");
+        let err = Settings::load_from(None, env(&[("FLEET_CONSUMER__EXEC__PROGRAMS__LS", "ls")]))
+            .expect_err("relative path");
+        assert_eq!(err.key, "consumer.exec.programs.ls");
+    }
+
+    #[test]
+    fn password_file_replaces_the_url_password() {
+        let dir = std::env::temp_dir().join(format!("fleet-password-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("pw");
+        std::fs::write(&file, "hunter2\n").expect("write");
+        let s = Settings::load_from(
+            None,
+            env(&[("FLEET_AMQP__PASSWORD_FILE", file.to_str().expect("utf-8"))]),
+        )
+        .expect("valid");
+        assert_eq!(
+            s.amqp_uri().expect("uri").authority.userinfo.password,
+            "hunter2"
+        );
+        let err = Settings::load_from(
+            None,
+            env(&[("FLEET_AMQP__PASSWORD_FILE", "/nonexistent/pw")]),
+        )
+        .expect_err("missing file");
+        assert_eq!(err.key, "amqp.password_file");
+    }
+}

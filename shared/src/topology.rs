@@ -1,0 +1,184 @@
+//! Every exchange and queue name fleet uses, and their idempotent declaration
+//! (DESIGN.md "Topology"). Every service calls [`declare`] at start.
+//!
+//! ```text
+//! fleet.tasks (topic) --#--> fleet.tasks.default --(reject / delivery limit)--> fleet.dead (fanout) -> fleet.dead
+//! fleet.retry (headers, x-fleet-delay=<ms>) -> fleet.retry.<ms>ms --(TTL expires)--> fleet.tasks, same routing key
+//! (default exchange) -> fleet.results  (single active consumer: the collector)
+//! ```
+
+use crate::settings::{QueueType, TopologySettings};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// Tasks are published here with routing key = task kind.
+pub const TASKS_EXCHANGE: &str = "fleet.tasks";
+/// The default work queue, bound to [`TASKS_EXCHANGE`] with `#`.
+pub const WORK_QUEUE: &str = "fleet.tasks.default";
+/// Dead letters go through this exchange...
+pub const DEAD_EXCHANGE: &str = "fleet.dead";
+/// ...into this queue.
+pub const DEAD_QUEUE: &str = "fleet.dead";
+/// Retries are published here with header `x-fleet-delay` naming the delay queue.
+pub const RETRY_EXCHANGE: &str = "fleet.retry";
+/// Results and batch manifests, consumed by the collector.
+pub const RESULTS_QUEUE: &str = "fleet.results";
+
+/// The delay queue holding retries that wait `delay_ms`.
+pub fn retry_queue(delay_ms: u64) -> String {
+    format!("fleet.retry.{delay_ms}ms")
+}
+
+/// The `x-fleet-delay` header value that routes a retry to the queue for `delay_ms`.
+pub fn delay_key(delay_ms: u64) -> String {
+    delay_ms.to_string()
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+fn args<const N: usize>(pairs: [(&str, AMQPValue); N]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (k, v) in pairs {
+        table.insert(ShortString::from(k), v);
+    }
+    table
+}
+
+fn queue_type(t: QueueType) -> AMQPValue {
+    long(match t {
+        QueueType::Quorum => "quorum",
+        QueueType::Classic => "classic",
+    })
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Declares every exchange, queue and binding. Safe to call again with the same settings.
+///
+/// Fails when the broker refuses (permissions, or a queue that exists with other arguments:
+/// a `PRECONDITION_FAILED` channel error).
+pub async fn declare(channel: &Channel, settings: &TopologySettings) -> lapin::Result<()> {
+    let exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            TASKS_EXCHANGE.into(),
+            ExchangeKind::Topic,
+            exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            DEAD_EXCHANGE.into(),
+            ExchangeKind::Fanout,
+            exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            RETRY_EXCHANGE.into(),
+            ExchangeKind::Headers,
+            exchange,
+            FieldTable::default(),
+        )
+        .await?;
+
+    let qtype = queue_type(settings.queue_type);
+    channel
+        .queue_declare(
+            DEAD_QUEUE.into(),
+            durable(),
+            args([("x-queue-type", qtype.clone())]),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            DEAD_QUEUE.into(),
+            DEAD_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    let mut work = args([
+        ("x-queue-type", qtype.clone()),
+        ("x-dead-letter-exchange", long(DEAD_EXCHANGE)),
+    ]);
+    if settings.queue_type == QueueType::Quorum {
+        work.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(i32::try_from(settings.delivery_limit).unwrap_or(i32::MAX)),
+        );
+    }
+    channel
+        .queue_declare(WORK_QUEUE.into(), durable(), work)
+        .await?;
+    channel
+        .queue_bind(
+            WORK_QUEUE.into(),
+            TASKS_EXCHANGE.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    for &delay in &settings.retry_delays_ms {
+        let name = retry_queue(delay);
+        // No x-dead-letter-routing-key: an expired retry goes back to fleet.tasks with the
+        // routing key it was published with, which is the task kind.
+        let mut delay_args = args([
+            ("x-queue-type", qtype.clone()),
+            (
+                "x-message-ttl",
+                AMQPValue::LongLongInt(i64::try_from(delay).unwrap_or(i64::MAX)),
+            ),
+            ("x-dead-letter-exchange", long(TASKS_EXCHANGE)),
+        ]);
+        if settings.queue_type == QueueType::Quorum {
+            // Quorum queues dead-letter at-most-once unless told otherwise.
+            delay_args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+            delay_args.insert("x-overflow".into(), long("reject-publish"));
+        }
+        channel
+            .queue_declare(name.as_str().into(), durable(), delay_args)
+            .await?;
+        channel
+            .queue_bind(
+                name.as_str().into(),
+                RETRY_EXCHANGE.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                args([
+                    ("x-match", long("all")),
+                    (crate::envelope::HEADER_DELAY, long(&delay_key(delay))),
+                ]),
+            )
+            .await?;
+    }
+
+    channel
+        .queue_declare(
+            RESULTS_QUEUE.into(),
+            durable(),
+            args([
+                ("x-queue-type", qtype),
+                ("x-single-active-consumer", AMQPValue::Boolean(true)),
+            ]),
+        )
+        .await?;
+    Ok(())
+}

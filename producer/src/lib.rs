@@ -1,1 +1,13 @@
-//! stub
+//! fleet-producer: the master side of the fleet.
+//!
+//! - [`submit`]: publish one batch of tasks (the `submit` CLI and the seed's `demo`).
+//! - [`api`]: the producer's HTTP API (`serve`), publishing through a deadpool-lapin pool.
+//! - [`client`]: a client of the collector's read API (`submit --wait`, `demo`).
+//! - [`demo`]: the seed's task_master.py: ten random `square` tasks, results printed as they come.
+//! - [`collector`]: the `fleet-collector` service: results into SQLite, and its read API.
+
+pub mod api;
+pub mod client;
+pub mod collector;
+pub mod demo;
+pub mod submit;

@@ -1,0 +1,187 @@
+//! The producer's HTTP API (`fleet-producer serve`):
+//! `POST /v1/tasks` `{kind, payload, id?}` -> 202 `{id}`;
+//! `POST /v1/batches` `{kind, payloads: [...]}` -> 202 `{batch, total}`;
+//! bad input -> 400 with a JSON error; a publish the broker did not confirm -> 503.
+
+use crate::submit;
+use anyhow::Context as _;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use deadpool_lapin::{Pool, Runtime};
+use fleet_shared::envelope::Task;
+use fleet_shared::publisher::{Outgoing, Publisher};
+use fleet_shared::settings::Settings;
+use fleet_shared::telemetry::redact;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+struct App {
+    pool: Pool,
+    window: usize,
+    max_batch: usize,
+}
+
+/// `POST /v1/tasks` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTask {
+    /// Handler kind.
+    pub kind: String,
+    /// Handler input.
+    pub payload: Value,
+    /// Idempotency key; a UUID is made when absent.
+    pub id: Option<String>,
+}
+
+/// `POST /v1/batches` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewBatch {
+    /// Handler kind of every task.
+    pub kind: String,
+    /// One payload per task.
+    pub payloads: Vec<Value>,
+}
+
+/// Serves the API until `shutdown` is cancelled.
+///
+/// Fails when the address cannot be bound, the broker cannot be reached or refuses us, or
+/// topology cannot be declared.
+pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Declare topology once, on a connection of our own, before taking requests.
+    let (connection, _publisher) = submit::connect_publisher(&settings, "fleet-producer-setup").await?;
+    let _ = connection.close(200, "topology declared".into()).await;
+
+    let uri = settings.amqp_uri()?.to_string();
+    let pool = deadpool_lapin::Config {
+        url: Some(uri),
+        pool: Some(deadpool_lapin::PoolConfig::new(settings.producer.pool_size)),
+        ..deadpool_lapin::Config::default()
+    }
+    .create_pool(
+        || lapin::ConnectionProperties::default().with_connection_name("fleet-producer-api".into()),
+        Runtime::Tokio1,
+    )
+    .context("creating the broker connection pool")?;
+    let listener = tokio::net::TcpListener::bind(&settings.producer.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.producer.listen))?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        broker = %redact(&settings.amqp.url),
+        listen = %settings.producer.listen,
+        pool = settings.producer.pool_size,
+        "fleet-producer serving"
+    );
+    let app = App {
+        pool,
+        window: settings.amqp.publish_window,
+        max_batch: settings.producer.max_batch,
+    };
+    axum::serve(listener, router(app, settings.producer.max_body_bytes))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving HTTP")
+}
+
+fn router(app: App, max_body: usize) -> Router {
+    Router::new()
+        .route("/v1/tasks", post(create_task))
+        .route("/v1/batches", post(create_batch))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(Arc::new(app))
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, Json(json!({ "error": message.to_string() }))).into_response()
+}
+
+fn bad_request(rejection: JsonRejection) -> Response {
+    error(rejection.status(), rejection.body_text())
+}
+
+impl App {
+    /// A confirmed publisher on a pooled connection. The channel is closed when dropped
+    /// with the last clone of the publisher.
+    async fn publisher(&self) -> Result<Publisher, Response> {
+        let connection = self.pool.get().await.map_err(|e| {
+            tracing::warn!(error = %e, "no broker connection");
+            error(StatusCode::SERVICE_UNAVAILABLE, "the broker is unavailable")
+        })?;
+        Publisher::new(&connection, self.window).await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot open a channel");
+            error(StatusCode::SERVICE_UNAVAILABLE, "the broker is unavailable")
+        })
+    }
+}
+
+fn check_kind(kind: &str) -> Result<(), Response> {
+    if kind.is_empty() || kind.len() > 255 {
+        return Err(error(StatusCode::BAD_REQUEST, "`kind` must be 1 to 255 bytes"));
+    }
+    Ok(())
+}
+
+async fn create_task(State(app): State<Arc<App>>, body: Result<Json<NewTask>, JsonRejection>) -> Response {
+    let Json(new) = match body {
+        Ok(body) => body,
+        Err(rejection) => return bad_request(rejection),
+    };
+    if let Err(response) = check_kind(&new.kind) {
+        return response;
+    }
+    let id = new.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let task = Task::new(id.clone(), new.kind, None, new.payload);
+    let publisher = match app.publisher().await {
+        Ok(publisher) => publisher,
+        Err(response) => return response,
+    };
+    let outcome = publisher.publish(Outgoing::task(&task)).await;
+    let _ = publisher.channel().close(200, "done".into()).await;
+    match outcome {
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response(),
+        Err(e) => {
+            tracing::warn!(task_id = %id, error = %anyhow::Error::from(e), "publish not confirmed");
+            error(StatusCode::SERVICE_UNAVAILABLE, "the broker did not confirm the task")
+        }
+    }
+}
+
+async fn create_batch(State(app): State<Arc<App>>, body: Result<Json<NewBatch>, JsonRejection>) -> Response {
+    let Json(new) = match body {
+        Ok(body) => body,
+        Err(rejection) => return bad_request(rejection),
+    };
+    if let Err(response) = check_kind(&new.kind) {
+        return response;
+    }
+    if new.payloads.is_empty() || new.payloads.len() > app.max_batch {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("`payloads` must hold 1 to {} payloads", app.max_batch),
+        );
+    }
+    let publisher = match app.publisher().await {
+        Ok(publisher) => publisher,
+        Err(response) => return response,
+    };
+    let outcome = submit::publish_batch(&publisher, &new.kind, new.payloads).await;
+    let _ = publisher.channel().close(200, "done".into()).await;
+    match outcome {
+        Ok(receipt) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "batch": receipt.batch, "total": receipt.task_ids.len() })),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %anyhow::Error::from(e), "batch publish not confirmed");
+            error(StatusCode::SERVICE_UNAVAILABLE, "the broker did not confirm the batch")
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The collector's read API: `GET /v1/tasks/{id}`, `GET /v1/batches/{id}`,
+//! `GET /v1/batches/{id}/results?offset=&limit=` (JSON lines).
+
+use super::store::Store;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::{Arc, Mutex};
+
+/// Results per page unless `limit` says otherwise, and the most one page holds.
+const DEFAULT_LIMIT: u64 = 1000;
+const MAX_LIMIT: u64 = 10_000;
+
+type Shared = Arc<Mutex<Store>>;
+
+/// The read API over a store connection of its own.
+pub fn router(store: Store) -> Router {
+    Router::new()
+        .route("/v1/tasks/{id}", get(task))
+        .route("/v1/batches/{id}", get(batch))
+        .route("/v1/batches/{id}/results", get(results))
+        .with_state(Arc::new(Mutex::new(store)))
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, Json(json!({ "error": message.to_string() }))).into_response()
+}
+
+async fn read<T: Send + 'static>(
+    store: Shared,
+    f: impl FnOnce(&Store) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, Response> {
+    tokio::task::spawn_blocking(move || {
+        let store = store.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "store lock poisoned"))?;
+        f(&store).map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the store: {e}")))
+    })
+    .await
+    .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?
+}
+
+async fn task(State(store): State<Shared>, Path(id): Path<String>) -> Response {
+    let lookup = id.clone();
+    match read(store, move |s| s.task(&lookup)).await {
+        Ok(Some(body)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no result for task {id}")),
+        Err(response) => response,
+    }
+}
+
+async fn batch(State(store): State<Shared>, Path(id): Path<String>) -> Response {
+    let lookup = id.clone();
+    match read(store, move |s| s.batch(&lookup)).await {
+        Ok(Some(status)) => Json(status).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("nothing known of batch {id}")),
+        Err(response) => response,
+    }
+}
+
+#[derive(Deserialize)]
+struct Page {
+    offset: Option<u64>,
+    limit: Option<u64>,
+}
+
+async fn results(State(store): State<Shared>, Path(id): Path<String>, Query(page): Query<Page>) -> Response {
+    let offset = page.offset.unwrap_or(0);
+    let limit = page.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    match read(store, move |s| s.results(&id, offset, limit)).await {
+        Ok(rows) => {
+            let mut body = rows.join("\n");
+            if !body.is_empty() {
+                body.push('\n');
+            }
+            ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+        }
+        Err(response) => response,
+    }
+}

@@ -1,0 +1,252 @@
+//! The result store: SQLite, one transaction per group of results; the first result for a task
+//! id wins, later ones are counted as duplicates of their batch.
+
+use fleet_shared::envelope::{self, BatchManifest, ResultMessage, Status, TaskResult};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// A batch's progress, as `GET /v1/batches/{id}` returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchStatus {
+    /// Batch id.
+    pub batch: String,
+    /// Tasks in the batch; `null` until its manifest has arrived.
+    pub total: Option<u64>,
+    /// Distinct tasks with a stored result.
+    pub done: u64,
+    /// Of those, ok.
+    pub ok: u64,
+    /// Of those, failed.
+    pub failed: u64,
+    /// Results that arrived again for a task already stored.
+    pub duplicates: u64,
+    /// The manifest is in and `done == total`.
+    pub complete: bool,
+}
+
+/// What one [`Store::store`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// New results stored.
+    pub results: u64,
+    /// Results for tasks already stored.
+    pub duplicates: u64,
+    /// Batch manifests recorded.
+    pub manifests: u64,
+}
+
+/// A connection to the result database.
+pub struct Store {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = FULL;
+CREATE TABLE IF NOT EXISTS results (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id      TEXT NOT NULL UNIQUE,
+    batch        TEXT,
+    kind         TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    body         TEXT NOT NULL,
+    stored_at_us INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_by_batch ON results (batch, seq);
+CREATE TABLE IF NOT EXISTS batches (
+    batch      TEXT PRIMARY KEY,
+    kind       TEXT,
+    total      INTEGER,
+    duplicates INTEGER NOT NULL DEFAULT 0
+);
+";
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    ///
+    /// Fails when the file cannot be opened or created, or the schema cannot be applied.
+    pub fn open(path: &Path) -> rusqlite::Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+
+    /// Stores results and manifests in one transaction.
+    ///
+    /// Fails (and stores nothing) when the database cannot be written.
+    pub fn store(&mut self, messages: &[ResultMessage]) -> rusqlite::Result<Stored> {
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let tx = self.conn.transaction()?;
+        let mut stored = Stored::default();
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO results (task_id, batch, kind, status, body, stored_at_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (task_id) DO NOTHING",
+            )?;
+            let mut duplicate = tx.prepare_cached(
+                "INSERT INTO batches (batch, duplicates) VALUES (?1, 1)
+                 ON CONFLICT (batch) DO UPDATE SET duplicates = duplicates + 1",
+            )?;
+            let mut manifest = tx.prepare_cached(
+                "INSERT INTO batches (batch, kind, total) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (batch) DO UPDATE SET kind = excluded.kind, total = excluded.total",
+            )?;
+            for message in messages {
+                match message {
+                    ResultMessage::Result(result) => {
+                        let status = match result.status {
+                            Status::Ok => "ok",
+                            Status::Failed => "failed",
+                        };
+                        let body = String::from_utf8(envelope::encode(result))
+                            .expect("JSON is always UTF-8");
+                        let inserted = insert.execute(params![
+                            result.task_id,
+                            result.batch,
+                            result.kind,
+                            status,
+                            body,
+                            now_us
+                        ])?;
+                        if inserted == 1 {
+                            stored.results += 1;
+                        } else {
+                            stored.duplicates += 1;
+                            if let Some(batch) = &result.batch {
+                                duplicate.execute(params![batch])?;
+                            }
+                        }
+                    }
+                    ResultMessage::Manifest(BatchManifest { batch, total, kind, .. }) => {
+                        manifest.execute(params![batch, kind, i64::try_from(*total).unwrap_or(i64::MAX)])?;
+                        stored.manifests += 1;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(stored)
+    }
+
+    /// The stored result of task `id`, as its JSON text.
+    ///
+    /// Fails when the database cannot be read.
+    pub fn task(&self, id: &str) -> rusqlite::Result<Option<String>> {
+        self.conn
+            .query_row("SELECT body FROM results WHERE task_id = ?1", [id], |row| row.get(0))
+            .optional()
+    }
+
+    /// The batch's progress; `None` when neither its manifest nor any result has been stored.
+    ///
+    /// Fails when the database cannot be read.
+    pub fn batch(&self, id: &str) -> rusqlite::Result<Option<BatchStatus>> {
+        let (ok, failed): (u64, u64) = self.conn.query_row(
+            "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'failed'), 0)
+             FROM results WHERE batch = ?1",
+            [id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        let meta: Option<(Option<u64>, u64)> = self
+            .conn
+            .query_row("SELECT total, duplicates FROM batches WHERE batch = ?1", [id], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?;
+        let done = ok + failed;
+        if meta.is_none() && done == 0 {
+            return Ok(None);
+        }
+        let (total, duplicates) = meta.unwrap_or((None, 0));
+        Ok(Some(BatchStatus {
+            batch: id.to_owned(),
+            total,
+            done,
+            ok,
+            failed,
+            duplicates,
+            complete: total.is_some_and(|t| done >= t),
+        }))
+    }
+
+    /// Up to `limit` results of the batch in storage order, skipping `offset`, as JSON texts.
+    ///
+    /// Fails when the database cannot be read.
+    pub fn results(&self, batch: &str, offset: u64, limit: u64) -> rusqlite::Result<Vec<String>> {
+        let mut query = self.conn.prepare_cached(
+            "SELECT body FROM results WHERE batch = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3",
+        )?;
+        let rows = query.query_map(params![batch, limit, offset], |row| row.get(0))?;
+        rows.collect()
+    }
+
+    /// Submit-to-stored facts for benchmarks: (task id, stored_at in µs since the epoch).
+    ///
+    /// Fails when the database cannot be read.
+    pub fn stored_times(&self, batch: &str) -> rusqlite::Result<Vec<(String, i64)>> {
+        let mut query = self
+            .conn
+            .prepare("SELECT task_id, stored_at_us FROM results WHERE batch = ?1")?;
+        let rows = query.query_map([batch], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        rows.collect()
+    }
+}
+
+/// Decodes a stored result's JSON text.
+pub fn parse(body: &str) -> Option<TaskResult> {
+    match envelope::decode_result(body.as_bytes()) {
+        Ok(ResultMessage::Result(result)) => Some(result),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn result(id: &str, batch: &str, status: Status) -> ResultMessage {
+        ResultMessage::Result(TaskResult {
+            v: 1,
+            task_id: id.into(),
+            batch: Some(batch.into()),
+            kind: "square".into(),
+            status,
+            output: None,
+            error: None,
+            attempts: 1,
+            worker: "h/1/0".into(),
+            started_at: Utc::now(),
+            finished_at: Utc::now(),
+        })
+    }
+
+    #[test]
+    fn first_result_wins_and_duplicates_are_counted() {
+        let dir = std::env::temp_dir().join(format!("fleet-store-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut store = Store::open(&dir.join("r.db")).expect("open");
+        let stored = store
+            .store(&[
+                result("a", "b1", Status::Ok),
+                result("a", "b1", Status::Failed),
+                result("b", "b1", Status::Failed),
+            ])
+            .expect("store");
+        assert_eq!(stored, Stored { results: 2, duplicates: 1, manifests: 0 });
+        let status = store.batch("b1").expect("read").expect("known");
+        assert_eq!((status.total, status.done, status.ok, status.failed, status.duplicates), (None, 2, 1, 1, 1));
+        assert!(!status.complete);
+        store
+            .store(&[ResultMessage::Manifest(BatchManifest::new("b1".into(), 2, "square".into()))])
+            .expect("store manifest");
+        let status = store.batch("b1").expect("read").expect("known");
+        assert!(status.complete);
+        assert_eq!(status.duplicates, 1);
+        assert!(parse(&store.task("a").expect("read").expect("stored")).is_some_and(|r| r.status == Status::Ok));
+        assert_eq!(store.results("b1", 1, 10).expect("read").len(), 1);
+        assert!(store.batch("nope").expect("read").is_none());
+    }
+}

@@ -55,7 +55,8 @@ pub struct NewBatch {
 /// topology cannot be declared.
 pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Declare topology once, on a connection of our own, before taking requests.
-    let (connection, _publisher) = submit::connect_publisher(&settings, "fleet-producer-setup").await?;
+    let (connection, _publisher) =
+        submit::connect_publisher(&settings, "fleet-producer-setup").await?;
     let _ = connection.close(200, "topology declared".into()).await;
 
     let uri = settings.amqp_uri()?.to_string();
@@ -123,12 +124,18 @@ impl App {
 
 fn check_kind(kind: &str) -> Result<(), Response> {
     if kind.is_empty() || kind.len() > 255 {
-        return Err(error(StatusCode::BAD_REQUEST, "`kind` must be 1 to 255 bytes"));
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "`kind` must be 1 to 255 bytes",
+        ));
     }
     Ok(())
 }
 
-async fn create_task(State(app): State<Arc<App>>, body: Result<Json<NewTask>, JsonRejection>) -> Response {
+async fn create_task(
+    State(app): State<Arc<App>>,
+    body: Result<Json<NewTask>, JsonRejection>,
+) -> Response {
     let Json(new) = match body {
         Ok(body) => body,
         Err(rejection) => return bad_request(rejection),
@@ -148,12 +155,18 @@ async fn create_task(State(app): State<Arc<App>>, body: Result<Json<NewTask>, Js
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response(),
         Err(e) => {
             tracing::warn!(task_id = %id, error = %anyhow::Error::from(e), "publish not confirmed");
-            error(StatusCode::SERVICE_UNAVAILABLE, "the broker did not confirm the task")
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the broker did not confirm the task",
+            )
         }
     }
 }
 
-async fn create_batch(State(app): State<Arc<App>>, body: Result<Json<NewBatch>, JsonRejection>) -> Response {
+async fn create_batch(
+    State(app): State<Arc<App>>,
+    body: Result<Json<NewBatch>, JsonRejection>,
+) -> Response {
     let Json(new) = match body {
         Ok(body) => body,
         Err(rejection) => return bad_request(rejection),
@@ -181,7 +194,10 @@ async fn create_batch(State(app): State<Arc<App>>, body: Result<Json<NewBatch>, 
             .into_response(),
         Err(e) => {
             tracing::warn!(error = %anyhow::Error::from(e), "batch publish not confirmed");
-            error(StatusCode::SERVICE_UNAVAILABLE, "the broker did not confirm the batch")
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the broker did not confirm the batch",
+            )
         }
     }
 }

@@ -28,19 +28,38 @@ impl CollectorClient {
     /// Fails when the collector cannot be reached or answers with an error.
     pub async fn batch(&self, batch: &str) -> anyhow::Result<Option<BatchStatus>> {
         let url = format!("{}/v1/batches/{batch}", self.base);
-        let response = self.http.get(&url).send().await.with_context(|| format!("asking the collector at {url}"))?;
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("asking the collector at {url}"))?;
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        let response = response.error_for_status().with_context(|| format!("collector at {url}"))?;
-        Ok(Some(response.json().await.context("reading the collector's answer")?))
+        let response = response
+            .error_for_status()
+            .with_context(|| format!("collector at {url}"))?;
+        Ok(Some(
+            response
+                .json()
+                .await
+                .context("reading the collector's answer")?,
+        ))
     }
 
     /// One page of the batch's results in storage order, starting at `offset`.
     ///
     /// Fails when the collector cannot be reached, answers with an error, or sends a bad line.
-    pub async fn results_page(&self, batch: &str, offset: usize) -> anyhow::Result<Vec<TaskResult>> {
-        let url = format!("{}/v1/batches/{batch}/results?offset={offset}&limit={PAGE}", self.base);
+    pub async fn results_page(
+        &self,
+        batch: &str,
+        offset: usize,
+    ) -> anyhow::Result<Vec<TaskResult>> {
+        let url = format!(
+            "{}/v1/batches/{batch}/results?offset={offset}&limit={PAGE}",
+            self.base
+        );
         let body = self
             .http
             .get(&url)
@@ -55,7 +74,9 @@ impl CollectorClient {
             .filter(|line| !line.is_empty())
             .map(|line| match envelope::decode_result(line) {
                 Ok(ResultMessage::Result(result)) => Ok(result),
-                Ok(ResultMessage::Manifest(_)) => anyhow::bail!("the collector sent a manifest as a result"),
+                Ok(ResultMessage::Manifest(_)) => {
+                    anyhow::bail!("the collector sent a manifest as a result")
+                }
                 Err(e) => Err(anyhow::Error::new(e).context("a result line from the collector")),
             })
             .collect()

@@ -19,7 +19,8 @@ const WAIT: Duration = Duration::from_secs(100);
 /// Fails when the broker or the collector cannot be reached, or the results do not all arrive
 /// within 100 seconds.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (connection, publisher) = submit::connect_publisher(&settings, "fleet-producer-demo").await?;
+    let (connection, publisher) =
+        submit::connect_publisher(&settings, "fleet-producer-demo").await?;
     let numbers: Vec<i64> = {
         let mut rng = rand::rng();
         (0..10).map(|_| rng.random_range(0..=10_000)).collect()
@@ -27,7 +28,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     for n in &numbers {
         println!("Put task {n}...");
     }
-    let payloads = numbers.iter().map(|n| serde_json::json!({ "n": n })).collect();
+    let payloads = numbers
+        .iter()
+        .map(|n| serde_json::json!({ "n": n }))
+        .collect();
     let receipt = submit::publish_batch(&publisher, "square", payloads).await?;
     let _ = connection.close(200, "published".into()).await;
     println!("Try get results...");

@@ -55,16 +55,27 @@ pub async fn publish_batch(
     let batch = uuid::Uuid::now_v7().to_string();
     let total = u64::try_from(payloads.len()).unwrap_or(u64::MAX);
     publisher
-        .publish(Outgoing::manifest(&BatchManifest::new(batch.clone(), total, kind.to_owned())))
+        .publish(Outgoing::manifest(&BatchManifest::new(
+            batch.clone(),
+            total,
+            kind.to_owned(),
+        )))
         .await?;
     let tasks: Vec<Task> = payloads
         .into_iter()
         .map(|payload| {
-            Task::new(uuid::Uuid::now_v7().to_string(), kind.to_owned(), Some(batch.clone()), payload)
+            Task::new(
+                uuid::Uuid::now_v7().to_string(),
+                kind.to_owned(),
+                Some(batch.clone()),
+                payload,
+            )
         })
         .collect();
     let task_ids = tasks.iter().map(|t| t.id.clone()).collect();
-    publisher.publish_all(tasks.iter().map(Outgoing::task)).await?;
+    publisher
+        .publish_all(tasks.iter().map(Outgoing::task))
+        .await?;
     Ok(Receipt { batch, task_ids })
 }
 
@@ -129,13 +140,19 @@ pub async fn run(
         let results = client.results(&receipt.batch).await?;
         let mut text = String::new();
         for result in &results {
-            text.push_str(std::str::from_utf8(&fleet_shared::envelope::encode(result)).unwrap_or_default());
+            text.push_str(
+                std::str::from_utf8(&fleet_shared::envelope::encode(result)).unwrap_or_default(),
+            );
             text.push('\n');
         }
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     if status.failed > 0 {
-        return Err(fleet_shared::error::TasksFailed { failed: status.failed, total }.into());
+        return Err(fleet_shared::error::TasksFailed {
+            failed: status.failed,
+            total,
+        }
+        .into());
     }
     Ok(())
 }

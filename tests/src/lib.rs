@@ -1,1 +1,202 @@
-//! stub
+//! fleet-tests: support for end-to-end tests against the real broker, and the `fleet-bench`
+//! benchmark.
+//!
+//! Every test gets a fresh vhost ([`Vhost`]) on the local broker, so tests never see each
+//! other's queues and leave nothing behind. Services run in-process through the same `run`
+//! functions the binaries call.
+
+use anyhow::Context as _;
+use fleet_consumer::registry::Registry;
+use fleet_shared::settings::Settings;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The broker tests use: `FLEET_TEST_AMQP_HOST` (default `127.0.0.1:5672`), guest/guest.
+pub fn broker_host() -> String {
+    std::env::var("FLEET_TEST_AMQP_HOST").unwrap_or_else(|_| "127.0.0.1:5672".to_owned())
+}
+
+/// Panics with a one-line hint when no broker answers: a test never silently skips.
+pub fn require_broker() {
+    let host = broker_host();
+    if std::net::TcpStream::connect(&host).is_err() {
+        panic!(
+            "no RabbitMQ at {host}: start one (`rabbitmq-server -detached`) or run `scripts/test`, which does"
+        );
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .context("running rabbitmqctl (is rabbitmq-server installed?)")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// A vhost of its own on the local broker, removed on drop.
+pub struct Vhost {
+    /// Its name.
+    pub name: String,
+    /// A scratch directory for this test (databases, files), removed on drop.
+    pub dir: PathBuf,
+}
+
+impl Vhost {
+    /// Creates a uniquely named vhost with full permissions for guest.
+    ///
+    /// # Panics
+    /// When no broker answers or rabbitmqctl fails: tests cannot run without one.
+    pub fn new() -> Self {
+        require_broker();
+        let name = format!("fleet-test-{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name]).expect("creating a test vhost");
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"])
+            .expect("granting guest the test vhost");
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+        Self { name, dir }
+    }
+
+    /// The AMQP URL of this vhost.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/{}", broker_host(), self.name)
+    }
+
+    /// Settings pointing at this vhost, a collector database in the scratch directory, free
+    /// ports for both HTTP APIs, and `extra` `FLEET_*` variables on top.
+    pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
+        let mut env = vec![
+            ("FLEET_AMQP__URL".to_owned(), self.url()),
+            (
+                "FLEET_COLLECTOR__DB".to_owned(),
+                self.dir.join("results.db").display().to_string(),
+            ),
+            ("FLEET_COLLECTOR__LISTEN".to_owned(), free_address()),
+            ("FLEET_PRODUCER__LISTEN".to_owned(), free_address()),
+        ];
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        let mut settings = Settings::load_from(None, env).expect("test settings are valid");
+        settings.producer.collector_url = format!("http://{}", settings.collector.listen);
+        settings
+    }
+}
+
+impl Default for Vhost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["delete_vhost", &self.name]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port");
+    listener.local_addr().expect("a bound address").to_string()
+}
+
+/// A service running in-process; cancel and join with [`Service::stop`].
+pub struct Service {
+    /// Trips the service's drain.
+    pub shutdown: CancellationToken,
+    /// The service's `run`.
+    pub handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Service {
+    /// Starts `run(shutdown)` on the current runtime.
+    pub fn spawn<F, Fut>(run: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(run(shutdown.clone()));
+        Self { shutdown, handle }
+    }
+
+    /// A consumer with `registry`.
+    pub fn consumer(settings: &Settings, registry: Registry) -> Self {
+        let settings = settings.clone();
+        Self::spawn(move |shutdown| fleet_consumer::run(settings, registry, shutdown))
+    }
+
+    /// A consumer with the built-in handlers.
+    pub fn builtin_consumer(settings: &Settings) -> Self {
+        let registry =
+            fleet_consumer::handlers::registry(settings).expect("built-in kinds are distinct");
+        Self::consumer(settings, registry)
+    }
+
+    /// The collector.
+    pub fn collector(settings: &Settings) -> Self {
+        let settings = settings.clone();
+        Self::spawn(move |shutdown| fleet_producer::collector::run(settings, shutdown))
+    }
+
+    /// The producer's HTTP API.
+    pub fn producer_api(settings: &Settings) -> Self {
+        let settings = settings.clone();
+        Self::spawn(move |shutdown| fleet_producer::api::serve(settings, shutdown))
+    }
+
+    /// True while the service has not returned (an early return means it failed).
+    pub fn is_running(&self) -> bool {
+        !self.handle.is_finished()
+    }
+
+    /// Drains the service and returns what its `run` returned.
+    ///
+    /// # Panics
+    /// When it does not stop within 30 seconds or its task panicked.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("service stops within 30 s")
+            .expect("service task did not panic")
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails after `limit`.
+///
+/// # Panics
+/// When `limit` passes first; the message says what was awaited.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let waited = tokio::time::timeout(limit, async {
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    match waited {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}

@@ -49,7 +49,13 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match args.command {
-        Command::Submit { kind, input, wait, output, collector } => {
+        Command::Submit {
+            kind,
+            input,
+            wait,
+            output,
+            collector,
+        } => {
             let submission = Submission {
                 kind,
                 input,
@@ -57,7 +63,9 @@ fn main() -> ExitCode {
                 output,
                 collector: collector.unwrap_or_else(|| settings.producer.collector_url.clone()),
             };
-            fleet_shared::cli::run(settings, |s, shutdown| fleet_producer::submit::run(s, submission, shutdown))
+            fleet_shared::cli::run(settings, |s, shutdown| {
+                fleet_producer::submit::run(s, submission, shutdown)
+            })
         }
         Command::Serve => fleet_shared::cli::run(settings, fleet_producer::api::serve),
         Command::Demo => fleet_shared::cli::run(settings, fleet_producer::demo::run),

@@ -35,8 +35,15 @@ async fn read<T: Send + 'static>(
     f: impl FnOnce(&Store) -> rusqlite::Result<T> + Send + 'static,
 ) -> Result<T, Response> {
     tokio::task::spawn_blocking(move || {
-        let store = store.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "store lock poisoned"))?;
-        f(&store).map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the store: {e}")))
+        let store = store
+            .lock()
+            .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "store lock poisoned"))?;
+        f(&store).map_err(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the store: {e}"),
+            )
+        })
     })
     .await
     .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?
@@ -55,7 +62,10 @@ async fn batch(State(store): State<Shared>, Path(id): Path<String>) -> Response 
     let lookup = id.clone();
     match read(store, move |s| s.batch(&lookup)).await {
         Ok(Some(status)) => Json(status).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("nothing known of batch {id}")),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("nothing known of batch {id}"),
+        ),
         Err(response) => response,
     }
 }
@@ -66,7 +76,11 @@ struct Page {
     limit: Option<u64>,
 }
 
-async fn results(State(store): State<Shared>, Path(id): Path<String>, Query(page): Query<Page>) -> Response {
+async fn results(
+    State(store): State<Shared>,
+    Path(id): Path<String>,
+    Query(page): Query<Page>,
+) -> Response {
     let offset = page.offset.unwrap_or(0);
     let limit = page.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     match read(store, move |s| s.results(&id, offset, limit)).await {

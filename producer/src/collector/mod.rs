@@ -30,18 +30,24 @@ use tokio_util::sync::CancellationToken;
 /// broker cannot be reached or refuses us, or the result stream ends.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let db = &settings.collector.db;
-    let writer = Store::open(db).with_context(|| format!("opening the result store {}", db.display()))?;
-    let reader = Store::open(db).with_context(|| format!("opening the result store {}", db.display()))?;
+    let writer =
+        Store::open(db).with_context(|| format!("opening the result store {}", db.display()))?;
+    let reader =
+        Store::open(db).with_context(|| format!("opening the result store {}", db.display()))?;
     let listener = tokio::net::TcpListener::bind(&settings.collector.listen)
         .await
         .with_context(|| format!("listening on {}", settings.collector.listen))?;
 
     let connection = amqp::connect(&settings, "fleet-collector").await?;
-    let channel = connection.create_channel().await.context("opening a channel")?;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
     topology::declare(&channel, &settings.topology)
         .await
         .context("declaring topology")?;
-    let prefetch = u16::try_from(settings.collector.batch_size.saturating_mul(2)).unwrap_or(u16::MAX);
+    let prefetch =
+        u16::try_from(settings.collector.batch_size.saturating_mul(2)).unwrap_or(u16::MAX);
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
@@ -88,7 +94,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         match first {
             Some(Ok(delivery)) => group.push(delivery),
             Some(Err(e)) => break Err(anyhow::Error::new(e).context("the result stream failed")),
-            None => break Err(anyhow::anyhow!("the broker cancelled our consumer on {}", topology::RESULTS_QUEUE)),
+            None => {
+                break Err(anyhow::anyhow!(
+                    "the broker cancelled our consumer on {}",
+                    topology::RESULTS_QUEUE
+                ));
+            }
         }
         let deadline = tokio::time::sleep(flush_every);
         tokio::pin!(deadline);
@@ -111,7 +122,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         }
     };
 
-    let _ = channel.basic_cancel(deliveries.tag(), BasicCancelOptions::default()).await;
+    let _ = channel
+        .basic_cancel(deliveries.tag(), BasicCancelOptions::default())
+        .await;
     // Whatever arrived before the cancel is stored and acked; the rest is redelivered.
     if outcome.is_ok() && !group.is_empty() {
         flush(&writer, &dead, &mut group).await?;
@@ -126,7 +139,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
 /// Stores a group in one transaction, then acks all of it with one multiple-ack.
 /// Undecodable messages are dead-lettered (confirmed) before the ack covers them.
-async fn flush(writer: &Arc<Mutex<Store>>, dead: &Publisher, group: &mut Vec<Delivery>) -> anyhow::Result<()> {
+async fn flush(
+    writer: &Arc<Mutex<Store>>,
+    dead: &Publisher,
+    group: &mut Vec<Delivery>,
+) -> anyhow::Result<()> {
     if group.is_empty() {
         return Ok(());
     }
@@ -151,15 +168,23 @@ async fn flush(writer: &Arc<Mutex<Store>>, dead: &Publisher, group: &mut Vec<Del
     }
     let writer = Arc::clone(writer);
     let stored = tokio::task::spawn_blocking(move || {
-        let mut store = writer.lock().map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
-        store.store(&messages).context("writing results to the store")
+        let mut store = writer
+            .lock()
+            .map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
+        store
+            .store(&messages)
+            .context("writing results to the store")
     })
     .await
     .context("the store thread failed")??;
     if stored.duplicates > 0 {
         tracing::info!(duplicates = stored.duplicates, "duplicate results ignored");
     }
-    tracing::debug!(results = stored.results, manifests = stored.manifests, "stored");
+    tracing::debug!(
+        results = stored.results,
+        manifests = stored.manifests,
+        "stored"
+    );
     // Committed: now the broker may forget them. One ack covers the whole group.
     let acker = group.last().map(|d| d.acker.clone());
     group.clear();
@@ -171,4 +196,3 @@ async fn flush(writer: &Arc<Mutex<Store>>, dead: &Publisher, group: &mut Vec<Del
     }
     Ok(())
 }
-

@@ -119,8 +119,14 @@ impl Store {
                             }
                         }
                     }
-                    ResultMessage::Manifest(BatchManifest { batch, total, kind, .. }) => {
-                        manifest.execute(params![batch, kind, i64::try_from(*total).unwrap_or(i64::MAX)])?;
+                    ResultMessage::Manifest(BatchManifest {
+                        batch, total, kind, ..
+                    }) => {
+                        manifest.execute(params![
+                            batch,
+                            kind,
+                            i64::try_from(*total).unwrap_or(i64::MAX)
+                        ])?;
                         stored.manifests += 1;
                     }
                 }
@@ -135,7 +141,9 @@ impl Store {
     /// Fails when the database cannot be read.
     pub fn task(&self, id: &str) -> rusqlite::Result<Option<String>> {
         self.conn
-            .query_row("SELECT body FROM results WHERE task_id = ?1", [id], |row| row.get(0))
+            .query_row("SELECT body FROM results WHERE task_id = ?1", [id], |row| {
+                row.get(0)
+            })
             .optional()
     }
 
@@ -151,9 +159,11 @@ impl Store {
         )?;
         let meta: Option<(Option<u64>, u64)> = self
             .conn
-            .query_row("SELECT total, duplicates FROM batches WHERE batch = ?1", [id], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
+            .query_row(
+                "SELECT total, duplicates FROM batches WHERE batch = ?1",
+                [id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
             .optional()?;
         let done = ok + failed;
         if meta.is_none() && done == 0 {
@@ -235,17 +245,40 @@ mod tests {
                 result("b", "b1", Status::Failed),
             ])
             .expect("store");
-        assert_eq!(stored, Stored { results: 2, duplicates: 1, manifests: 0 });
+        assert_eq!(
+            stored,
+            Stored {
+                results: 2,
+                duplicates: 1,
+                manifests: 0
+            }
+        );
         let status = store.batch("b1").expect("read").expect("known");
-        assert_eq!((status.total, status.done, status.ok, status.failed, status.duplicates), (None, 2, 1, 1, 1));
+        assert_eq!(
+            (
+                status.total,
+                status.done,
+                status.ok,
+                status.failed,
+                status.duplicates
+            ),
+            (None, 2, 1, 1, 1)
+        );
         assert!(!status.complete);
         store
-            .store(&[ResultMessage::Manifest(BatchManifest::new("b1".into(), 2, "square".into()))])
+            .store(&[ResultMessage::Manifest(BatchManifest::new(
+                "b1".into(),
+                2,
+                "square".into(),
+            ))])
             .expect("store manifest");
         let status = store.batch("b1").expect("read").expect("known");
         assert!(status.complete);
         assert_eq!(status.duplicates, 1);
-        assert!(parse(&store.task("a").expect("read").expect("stored")).is_some_and(|r| r.status == Status::Ok));
+        assert!(
+            parse(&store.task("a").expect("read").expect("stored"))
+                .is_some_and(|r| r.status == Status::Ok)
+        );
         assert_eq!(store.results("b1", 1, 10).expect("read").len(), 1);
         assert!(store.batch("nope").expect("read").is_none());
     }

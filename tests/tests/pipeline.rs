@@ -1,0 +1,469 @@
+//! The fleet end to end against the real broker: producer -> consumers -> results -> collector.
+
+use fleet_consumer::registry::{HandlerError, TaskContext, Work};
+use fleet_producer::client::CollectorClient;
+use fleet_producer::collector::store::BatchStatus;
+use fleet_producer::submit;
+use fleet_shared::envelope::{self, HEADER_ERROR, Status, Task, TaskResult};
+use fleet_shared::publisher::Outgoing;
+use fleet_shared::topology;
+use fleet_tests::{Service, Vhost, eventually};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::AMQPValue;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+async fn complete(client: &CollectorClient, batch: &str, limit: Duration) -> BatchStatus {
+    eventually(&format!("batch {batch} to complete"), limit, || async {
+        client
+            .batch(batch)
+            .await
+            .ok()
+            .flatten()
+            .filter(|s| s.complete)
+    })
+    .await
+}
+
+async fn one_result(client: &CollectorClient, batch: &str) -> TaskResult {
+    complete(client, batch, Duration::from_secs(60)).await;
+    let mut results = client.results(batch).await.expect("reading results");
+    assert_eq!(results.len(), 1, "one result for a one-task batch");
+    results.remove(0)
+}
+
+/// Takes every message from `fleet.dead` and returns (x-fleet-error, body) pairs.
+async fn drain_dead(settings: &fleet_shared::settings::Settings) -> Vec<(String, Vec<u8>)> {
+    let connection = fleet_shared::amqp::connect(settings, "test-dead-reader")
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut dead = Vec::new();
+    while let Some(message) = channel
+        .basic_get(topology::DEAD_QUEUE.into(), BasicGetOptions::default())
+        .await
+        .expect("basic.get")
+    {
+        let reason = message
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(HEADER_ERROR).cloned())
+            .map(|v| match v {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default();
+        message
+            .delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        dead.push((reason, message.delivery.data.clone()));
+    }
+    let _ = connection.close(200, "done".into()).await;
+    dead
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_squares_through_two_consumers_are_stored_exactly_once() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[("FLEET_CONSUMER__WORKERS", "2")]);
+    let collector = Service::collector(&settings);
+    let consumers = [
+        Service::builtin_consumer(&settings),
+        Service::builtin_consumer(&settings),
+    ];
+
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    let payloads: Vec<Value> = (0..10_000i64).map(|n| json!({ "n": n })).collect();
+    let receipt = submit::publish_batch(&publisher, "square", payloads)
+        .await
+        .expect("published");
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let status = complete(&client, &receipt.batch, Duration::from_secs(240)).await;
+
+    assert_eq!(status.total, Some(10_000));
+    assert_eq!(
+        (status.done, status.ok, status.failed, status.duplicates),
+        (10_000, 10_000, 0, 0)
+    );
+    let results = client.results(&receipt.batch).await.expect("results");
+    assert_eq!(results.len(), 10_000);
+    let mut workers = std::collections::HashSet::new();
+    for result in &results {
+        let output = result.output.as_ref().expect("ok results carry output");
+        let n = output["n"].as_i64().expect("n");
+        assert_eq!(
+            output["square"].as_i64(),
+            Some(n * n),
+            "task {}",
+            result.task_id
+        );
+        assert_eq!(result.attempts, 1);
+        workers.insert(
+            result
+                .worker
+                .rsplit_once('/')
+                .map(|(process, _)| process.to_owned()),
+        );
+    }
+    let ids: std::collections::HashSet<_> = results.iter().map(|r| r.task_id.as_str()).collect();
+    assert_eq!(ids.len(), 10_000, "one result per task id");
+    assert!(receipt.task_ids.iter().all(|id| ids.contains(id.as_str())));
+
+    let _ = connection.close(200, "done".into()).await;
+    for consumer in consumers {
+        consumer.stop().await.expect("consumer drains cleanly");
+    }
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_unknown_and_oversized_messages_are_dead_lettered_with_reasons() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[("FLEET_CONSUMER__MAX_MESSAGE_BYTES", "65536")]);
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+
+    let raw = |routing_key: &str, body: Vec<u8>| Outgoing {
+        exchange: topology::TASKS_EXCHANGE.to_owned(),
+        routing_key: routing_key.to_owned(),
+        body,
+        properties: lapin::BasicProperties::default(),
+    };
+    let mut bad = Vec::new();
+    for i in 0..100 {
+        bad.push(raw("square", format!("{{not json {i}").into_bytes()));
+        let unknown = Task::new(
+            format!("unknown-{i}"),
+            "no-such-kind".into(),
+            None,
+            json!({}),
+        );
+        bad.push(Outgoing::task(&unknown));
+    }
+    for i in 0..10 {
+        let huge = Task::new(
+            format!("huge-{i}"),
+            "square".into(),
+            None,
+            json!({ "pad": "x".repeat(100_000), "n": 1 }),
+        );
+        bad.push(Outgoing::task(&huge));
+    }
+    let payloads: Vec<Value> = (0..1000i64).map(|n| json!({ "n": n })).collect();
+    let (published_bad, receipt) = tokio::join!(
+        publisher.publish_all(bad),
+        submit::publish_batch(&publisher, "square", payloads)
+    );
+    assert_eq!(published_bad.expect("bad messages published"), 210);
+    let receipt = receipt.expect("good batch published");
+
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let status = complete(&client, &receipt.batch, Duration::from_secs(120)).await;
+    assert_eq!((status.done, status.ok, status.failed), (1000, 1000, 0));
+
+    let dead = eventually("210 dead letters", Duration::from_secs(30), {
+        let mut all = Vec::new();
+        let settings = settings.clone();
+        move || {
+            let settings = settings.clone();
+            let mut so_far = std::mem::take(&mut all);
+            async move {
+                so_far.extend(drain_dead(&settings).await);
+                if so_far.len() >= 210 {
+                    Some(so_far)
+                } else {
+                    None
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(dead.len(), 210, "exactly the bad messages are dead");
+    let count = |needle: &str| {
+        dead.iter()
+            .filter(|(reason, _)| reason.contains(needle))
+            .count()
+    };
+    assert_eq!(count("undecodable body"), 100);
+    assert_eq!(count("unknown kind `no-such-kind`"), 100);
+    assert_eq!(count("too large"), 10);
+    assert!(
+        dead.iter().any(|(_, body)| body.len() > 100_000),
+        "dead letters keep the whole body"
+    );
+
+    // Still consuming after all that.
+    let after = submit::publish_batch(&publisher, "square", vec![json!({ "n": 12 })])
+        .await
+        .expect("published");
+    let result = one_result(&client, &after.batch).await;
+    assert_eq!(result.output, Some(json!({ "n": 12, "square": 144 })));
+    assert!(consumer.is_running());
+
+    let _ = connection.close(200, "done".into()).await;
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exec_runs_allow_listed_programs_with_argv_and_stdin_and_nothing_else() {
+    let vhost = Vhost::new();
+    let marker = vhost.dir.join("must-not-exist");
+    let settings = vhost.settings(&[
+        ("FLEET_CONSUMER__EXEC__PROGRAMS__ECHO", "/bin/echo"),
+        ("FLEET_CONSUMER__EXEC__PROGRAMS__CAT", "/bin/cat"),
+        ("FLEET_CONSUMER__EXEC__PROGRAMS__ENV", "/usr/bin/env"),
+    ]);
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let run = |payload: Value| {
+        let (publisher, client) = (publisher.clone(), client.clone());
+        async move {
+            let receipt = submit::publish_batch(&publisher, "exec", vec![payload])
+                .await
+                .expect("published");
+            one_result(&client, &receipt.batch).await
+        }
+    };
+
+    let echo = run(json!({ "program": "echo", "args": ["hello", "two words", "$HOME"] })).await;
+    assert_eq!(echo.status, Status::Ok);
+    let out = echo.output.expect("output");
+    assert_eq!(out["exit_code"], 0);
+    assert_eq!(
+        out["stdout"], "hello two words $HOME\n",
+        "argv passes through no shell"
+    );
+
+    let cat = run(json!({ "program": "cat", "stdin": "piped in\nsecond line" })).await;
+    assert_eq!(
+        cat.output.expect("output")["stdout"],
+        "piped in\nsecond line"
+    );
+
+    let env = run(json!({ "program": "env" })).await;
+    assert_eq!(
+        env.output.expect("output")["stdout"],
+        "",
+        "the environment is cleared"
+    );
+
+    let sh = run(json!({ "program": "sh", "args": ["-c", format!("touch {}", marker.display())] }))
+        .await;
+    assert_eq!(sh.status, Status::Failed);
+    let error = sh.error.expect("a failed result says why");
+    assert_eq!(error.kind, "not_allowed");
+    assert!(
+        error
+            .message
+            .contains("`sh` is not on this consumer's exec allow-list"),
+        "{}",
+        error.message
+    );
+    assert!(!marker.exists(), "nothing ran");
+
+    let _ = connection.close(200, "done".into()).await;
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+#[derive(serde::Deserialize)]
+struct Flaky {
+    fail_times: u32,
+}
+
+async fn flaky(payload: Flaky, ctx: TaskContext) -> Result<Value, HandlerError> {
+    if ctx.attempt < payload.fail_times {
+        return Err(HandlerError::retryable(
+            "flaky",
+            format!("attempt {} fails on purpose", ctx.attempt),
+        ));
+    }
+    Ok(json!({ "succeeded_on_attempt": ctx.attempt }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_failing_retryably_twice_then_succeeding_gives_one_ok_result_with_three_attempts()
+{
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[("FLEET_TOPOLOGY__RETRY_DELAYS_MS", "100,200")]);
+    let collector = Service::collector(&settings);
+    let mut registry = fleet_consumer::handlers::registry(&settings).expect("registry");
+    registry
+        .register("flaky", Work::Io, flaky)
+        .expect("new kind");
+    let consumer = Service::consumer(&settings, registry);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    let client = CollectorClient::new(&settings.producer.collector_url);
+
+    let receipt = submit::publish_batch(&publisher, "flaky", vec![json!({ "fail_times": 2 })])
+        .await
+        .expect("published");
+    let result = one_result(&client, &receipt.batch).await;
+    assert_eq!(result.status, Status::Ok);
+    assert_eq!(result.attempts, 3);
+    assert_eq!(result.output, Some(json!({ "succeeded_on_attempt": 2 })));
+    let status = client
+        .batch(&receipt.batch)
+        .await
+        .expect("status")
+        .expect("known");
+    assert_eq!((status.done, status.ok, status.duplicates), (1, 1, 0));
+
+    // More failures than attempts allow: a failed result and a dead letter saying why.
+    let receipt = submit::publish_batch(&publisher, "flaky", vec![json!({ "fail_times": 99 })])
+        .await
+        .expect("published");
+    let result = one_result(&client, &receipt.batch).await;
+    assert_eq!(result.status, Status::Failed);
+    assert_eq!(result.attempts, settings.consumer.max_attempts);
+    let dead = drain_dead(&settings).await;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].0.starts_with("flaky: attempt 4 fails on purpose"),
+        "{}",
+        dead[0].0
+    );
+
+    let _ = connection.close(200, "done".into()).await;
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_batches_and_tasks_are_read_back_from_the_collector_and_bad_json_is_400() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let api = Service::producer_api(&settings);
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", settings.producer.listen);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+
+    let body = json!({ "kind": "square", "payloads": [{ "n": 3411 }, { "n": 1605 }, { "n": 68 }] });
+    let response = eventually(
+        "the producer API to answer",
+        Duration::from_secs(20),
+        || {
+            let request = http.post(format!("{base}/v1/batches")).json(&body);
+            async move { request.send().await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.expect("JSON");
+    assert_eq!(accepted["total"], 3);
+    let batch = accepted["batch"].as_str().expect("batch id").to_owned();
+    let status = complete(&client, &batch, Duration::from_secs(60)).await;
+    assert_eq!((status.total, status.ok, status.failed), (Some(3), 3, 0));
+    let mut squares: Vec<i64> = client
+        .results(&batch)
+        .await
+        .expect("results")
+        .iter()
+        .map(|r| {
+            r.output.as_ref().expect("output")["square"]
+                .as_i64()
+                .expect("number")
+        })
+        .collect();
+    squares.sort_unstable();
+    assert_eq!(squares, vec![4624, 2_576_025, 11_634_921]);
+
+    let response = http
+        .post(format!("{base}/v1/tasks"))
+        .json(&json!({ "kind": "square", "payload": { "n": 3_037_000_500i64 }, "id": "my-key-1" }))
+        .send()
+        .await
+        .expect("POST /v1/tasks");
+    assert_eq!(response.status(), 202);
+    assert_eq!(
+        response.json::<Value>().await.expect("JSON"),
+        json!({ "id": "my-key-1" })
+    );
+    let stored = eventually(
+        "task my-key-1 to be stored",
+        Duration::from_secs(60),
+        || {
+            let request = http.get(format!(
+                "{}/v1/tasks/my-key-1",
+                settings.producer.collector_url
+            ));
+            async move {
+                let response = request.send().await.ok()?;
+                if response.status() != 200 {
+                    return None;
+                }
+                envelope::decode_result(&response.bytes().await.ok()?).ok()
+            }
+        },
+    )
+    .await;
+    let envelope::ResultMessage::Result(stored) = stored else {
+        panic!("a result, not a manifest")
+    };
+    assert_eq!(
+        stored.status,
+        Status::Failed,
+        "3037000500 squared overflows i64"
+    );
+    assert_eq!(stored.error.expect("why").kind, "overflow");
+
+    let missing = http
+        .get(format!(
+            "{}/v1/tasks/no-such-task",
+            settings.producer.collector_url
+        ))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(missing.status(), 404);
+
+    for bad in [
+        r#"{"kind": "square", "payloads": [1,2"#,
+        r#"{"kind": "square"}"#,
+        "[]",
+    ] {
+        let response = http
+            .post(format!("{base}/v1/batches"))
+            .header("content-type", "application/json")
+            .body(bad)
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(response.status().as_u16() / 100, 4, "{bad}");
+        let error: Value = response.json().await.expect("errors are JSON");
+        assert!(
+            error["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{bad}: {error}"
+        );
+    }
+    let malformed = http
+        .post(format!("{base}/v1/tasks"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(malformed.status(), 400);
+
+    api.stop().await.expect("API stops cleanly");
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}

@@ -3,6 +3,7 @@
 //! `POST /v1/batches` `{kind, payloads: [...]}` -> 202 `{batch, total}`;
 //! bad input -> 400 with a JSON error; a publish the broker did not confirm -> 503.
 
+use crate::problem::ApiError;
 use crate::submit;
 use anyhow::Context as _;
 use axum::extract::rejection::JsonRejection;
@@ -63,7 +64,6 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let pool = deadpool_lapin::Config {
         url: Some(uri),
         pool: Some(deadpool_lapin::PoolConfig::new(settings.producer.pool_size)),
-        ..deadpool_lapin::Config::default()
     }
     .create_pool(
         || lapin::ConnectionProperties::default().with_connection_name("fleet-producer-api".into()),
@@ -99,32 +99,28 @@ fn router(app: App, max_body: usize) -> Router {
         .with_state(Arc::new(app))
 }
 
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
-    (status, Json(json!({ "error": message.to_string() }))).into_response()
-}
-
-fn bad_request(rejection: JsonRejection) -> Response {
-    error(rejection.status(), rejection.body_text())
+fn bad_request(rejection: JsonRejection) -> ApiError {
+    ApiError::new(rejection.status(), rejection.body_text())
 }
 
 impl App {
     /// A confirmed publisher on a pooled connection. The channel is closed when dropped
     /// with the last clone of the publisher.
-    async fn publisher(&self) -> Result<Publisher, Response> {
+    async fn publisher(&self) -> Result<Publisher, ApiError> {
         let connection = self.pool.get().await.map_err(|e| {
             tracing::warn!(error = %e, "no broker connection");
-            error(StatusCode::SERVICE_UNAVAILABLE, "the broker is unavailable")
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the broker is unavailable")
         })?;
         Publisher::new(&connection, self.window).await.map_err(|e| {
             tracing::warn!(error = %e, "cannot open a channel");
-            error(StatusCode::SERVICE_UNAVAILABLE, "the broker is unavailable")
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the broker is unavailable")
         })
     }
 }
 
-fn check_kind(kind: &str) -> Result<(), Response> {
+fn check_kind(kind: &str) -> Result<(), ApiError> {
     if kind.is_empty() || kind.len() > 255 {
-        return Err(error(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "`kind` must be 1 to 255 bytes",
         ));
@@ -138,16 +134,16 @@ async fn create_task(
 ) -> Response {
     let Json(new) = match body {
         Ok(body) => body,
-        Err(rejection) => return bad_request(rejection),
+        Err(rejection) => return bad_request(rejection).into_response(),
     };
     if let Err(response) = check_kind(&new.kind) {
-        return response;
+        return response.into_response();
     }
     let id = new.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let task = Task::new(id.clone(), new.kind, None, new.payload);
     let publisher = match app.publisher().await {
         Ok(publisher) => publisher,
-        Err(response) => return response,
+        Err(response) => return response.into_response(),
     };
     let outcome = publisher.publish(Outgoing::task(&task)).await;
     let _ = publisher.channel().close(200, "done".into()).await;
@@ -155,10 +151,11 @@ async fn create_task(
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response(),
         Err(e) => {
             tracing::warn!(task_id = %id, error = %anyhow::Error::from(e), "publish not confirmed");
-            error(
+            ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the broker did not confirm the task",
             )
+            .into_response()
         }
     }
 }
@@ -169,20 +166,21 @@ async fn create_batch(
 ) -> Response {
     let Json(new) = match body {
         Ok(body) => body,
-        Err(rejection) => return bad_request(rejection),
+        Err(rejection) => return bad_request(rejection).into_response(),
     };
     if let Err(response) = check_kind(&new.kind) {
-        return response;
+        return response.into_response();
     }
     if new.payloads.is_empty() || new.payloads.len() > app.max_batch {
-        return error(
+        return ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("`payloads` must hold 1 to {} payloads", app.max_batch),
-        );
+        )
+        .into_response();
     }
     let publisher = match app.publisher().await {
         Ok(publisher) => publisher,
-        Err(response) => return response,
+        Err(response) => return response.into_response(),
     };
     let outcome = submit::publish_batch(&publisher, &new.kind, new.payloads).await;
     let _ = publisher.channel().close(200, "done".into()).await;
@@ -194,10 +192,11 @@ async fn create_batch(
             .into_response(),
         Err(e) => {
             tracing::warn!(error = %anyhow::Error::from(e), "batch publish not confirmed");
-            error(
+            ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the broker did not confirm the batch",
             )
+            .into_response()
         }
     }
 }

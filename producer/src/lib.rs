@@ -4,10 +4,12 @@
 //! - [`api`]: the producer's HTTP API (`serve`), publishing through a deadpool-lapin pool.
 //! - [`client`]: a client of the collector's read API (`submit --wait`, `demo`).
 //! - [`demo`]: the seed's task_master.py: ten random `square` tasks, results printed as they come.
+//! - [`problem`]: the JSON error answer of both HTTP APIs.
 //! - [`collector`]: the `fleet-collector` service: results into SQLite, and its read API.
 
 pub mod api;
 pub mod client;
 pub mod collector;
 pub mod demo;
+pub mod problem;
 pub mod submit;

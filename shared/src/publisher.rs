@@ -212,11 +212,11 @@ impl Publisher {
         let mut pending = FuturesUnordered::new();
         let mut confirmed = 0u64;
         for message in messages {
-            if pending.len() >= self.window_size {
-                if let Some(result) = pending.next().await {
-                    result?;
-                    confirmed += 1;
-                }
+            if pending.len() >= self.window_size
+                && let Some(result) = pending.next().await
+            {
+                result?;
+                confirmed += 1;
             }
             let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
             let confirm = self.send(message).await?;

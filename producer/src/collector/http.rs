@@ -2,13 +2,13 @@
 //! `GET /v1/batches/{id}/results?offset=&limit=` (JSON lines).
 
 use super::store::Store;
+use crate::problem::ApiError;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
 use std::sync::{Arc, Mutex};
 
 /// Results per page unless `limit` says otherwise, and the most one page holds.
@@ -26,35 +26,33 @@ pub fn router(store: Store) -> Router {
         .with_state(Arc::new(Mutex::new(store)))
 }
 
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
-    (status, Json(json!({ "error": message.to_string() }))).into_response()
-}
-
 async fn read<T: Send + 'static>(
     store: Shared,
     f: impl FnOnce(&Store) -> rusqlite::Result<T> + Send + 'static,
-) -> Result<T, Response> {
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(move || {
         let store = store
             .lock()
-            .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "store lock poisoned"))?;
+            .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store lock poisoned"))?;
         f(&store).map_err(|e| {
-            error(
+            ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("reading the store: {e}"),
             )
         })
     })
     .await
-    .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?
 }
 
 async fn task(State(store): State<Shared>, Path(id): Path<String>) -> Response {
     let lookup = id.clone();
     match read(store, move |s| s.task(&lookup)).await {
         Ok(Some(body)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no result for task {id}")),
-        Err(response) => response,
+        Ok(None) => {
+            ApiError::new(StatusCode::NOT_FOUND, format!("no result for task {id}")).into_response()
+        }
+        Err(error) => error.into_response(),
     }
 }
 
@@ -62,11 +60,12 @@ async fn batch(State(store): State<Shared>, Path(id): Path<String>) -> Response 
     let lookup = id.clone();
     match read(store, move |s| s.batch(&lookup)).await {
         Ok(Some(status)) => Json(status).into_response(),
-        Ok(None) => error(
+        Ok(None) => ApiError::new(
             StatusCode::NOT_FOUND,
             format!("nothing known of batch {id}"),
-        ),
-        Err(response) => response,
+        )
+        .into_response(),
+        Err(error) => error.into_response(),
     }
 }
 
@@ -91,6 +90,6 @@ async fn results(
             }
             ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
         }
-        Err(response) => response,
+        Err(error) => error.into_response(),
     }
 }

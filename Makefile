@@ -1,0 +1,20 @@
+# The few targets a person types. Everything else is cargo.
+CONSUMERS ?= 2
+
+.PHONY: test lint run demo bench
+
+test:            ## every test, starting a local broker if none answers
+	scripts/test
+
+lint:            ## what CI checks besides the tests
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+run:             ## the compose topology as local processes: collector, API, CONSUMERS consumers
+	scripts/run-local $(CONSUMERS)
+
+demo:            ## the seed's task_master.py against a running fleet
+	cargo run --release -q --bin fleet-producer -- demo
+
+bench:           ## fleet-bench against the local broker
+	cargo run --release -q --bin fleet-bench -- --tasks 20000

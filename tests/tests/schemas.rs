@@ -1,0 +1,65 @@
+//! The JSON Schemas shipped in `schemas/` describe what the envelope module writes, so other
+//! services can validate against them.
+
+use chrono::Utc;
+use fleet_shared::envelope::{self, BatchManifest, ErrorInfo, Status, Task, TaskResult};
+use serde_json::{Value, json};
+
+fn schema(name: &str) -> jsonschema::Validator {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../schemas")
+        .join(name);
+    let text = std::fs::read_to_string(&path).expect("schema file");
+    let schema: Value = serde_json::from_str(&text).expect("schema is JSON");
+    jsonschema::validator_for(&schema).expect("schema compiles")
+}
+
+fn encoded<T: serde::Serialize>(message: &T) -> Value {
+    serde_json::from_slice(&envelope::encode(message)).expect("envelope is JSON")
+}
+
+#[test]
+fn encoded_messages_match_the_shipped_schemas() {
+    let task = schema("task.v1.json");
+    let mut t = Task::new(
+        "id-1".into(),
+        "square".into(),
+        Some("b".into()),
+        json!({ "n": 3 }),
+    );
+    assert!(task.is_valid(&encoded(&t)));
+    t.deadline = Some(Utc::now());
+    t.batch = None;
+    assert!(task.is_valid(&encoded(&t)));
+    assert!(!task.is_valid(&json!({ "v": 2, "id": "x", "kind": "k", "payload": {}, "created_at": "2026-01-01T00:00:00Z" })));
+    assert!(!task.is_valid(
+        &json!({ "v": 1, "kind": "k", "payload": {}, "created_at": "2026-01-01T00:00:00Z" })
+    ));
+
+    let result = schema("result.v1.json");
+    let failed = TaskResult {
+        v: 1,
+        task_id: "id-1".into(),
+        batch: None,
+        kind: "square".into(),
+        status: Status::Failed,
+        output: None,
+        error: Some(ErrorInfo {
+            kind: "overflow".into(),
+            message: "too big".into(),
+        }),
+        attempts: 1,
+        worker: "host/1/0".into(),
+        started_at: Utc::now(),
+        finished_at: Utc::now(),
+    };
+    assert!(result.is_valid(&encoded(&failed)));
+    assert!(!result.is_valid(&json!({ "v": 1, "task_id": "x", "status": "maybe" })));
+
+    let manifest = schema("batch.v1.json");
+    assert!(manifest.is_valid(&encoded(&BatchManifest::new(
+        "b".into(),
+        3,
+        "square".into()
+    ))));
+}

@@ -114,3 +114,135 @@ fn a_refused_password_exits_3_quickly_naming_broker_and_user_but_not_the_passwor
         assert!(!all.contains(&secret), "{name} printed the password");
     }
 }
+
+fn fleet_env(settings: &fleet_shared::settings::Settings, vhost: &Vhost) -> Vec<(String, String)> {
+    vec![
+        ("FLEET_AMQP__URL".to_owned(), vhost.url()),
+        (
+            "FLEET_PRODUCER__COLLECTOR_URL".to_owned(),
+            settings.producer.collector_url.clone(),
+        ),
+    ]
+}
+
+async fn run_async(name: &'static str, args: Vec<String>, env: Vec<(String, String)>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(binary(name))
+            .args(&args)
+            .env_clear()
+            .envs(env)
+            .output()
+            .expect("running the binary")
+    })
+    .await
+    .expect("the blocking task ran")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submit_wait_exits_0_when_all_ok_and_4_when_any_failed_and_writes_the_results() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let collector = fleet_tests::Service::collector(&settings);
+    let consumer = fleet_tests::Service::builtin_consumer(&settings);
+    let input = vhost.dir.join("in.jsonl");
+    let output = vhost.dir.join("out.jsonl");
+    std::fs::write(&input, "{\"n\": 3}\n\n{\"n\": 4}\n{\"n\": 5}\n").expect("input");
+    let args = |file: &std::path::Path, out: &std::path::Path| {
+        vec![
+            "submit".to_owned(),
+            "square".to_owned(),
+            "--input".to_owned(),
+            file.display().to_string(),
+            "--wait".to_owned(),
+            "--output".to_owned(),
+            out.display().to_string(),
+        ]
+    };
+    let ok = run_async(
+        "fleet-producer",
+        args(&input, &output),
+        fleet_env(&settings, &vhost),
+    )
+    .await;
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let batch = String::from_utf8_lossy(&ok.stdout).trim().to_owned();
+    assert_eq!(batch.len(), 36, "prints the batch id: {batch}");
+    let lines = std::fs::read_to_string(&output).expect("results written");
+    let mut squares: Vec<i64> = lines
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+            assert_eq!(v["batch"], batch.as_str());
+            v["output"]["square"].as_i64().expect("square")
+        })
+        .collect();
+    squares.sort_unstable();
+    assert_eq!(squares, vec![9, 16, 25]);
+
+    std::fs::write(&input, "{\"n\": 2}\n{\"n\": 4000000000}\n").expect("input");
+    let failed = run_async(
+        "fleet-producer",
+        args(&input, &output),
+        fleet_env(&settings, &vhost),
+    )
+    .await;
+    assert_eq!(
+        failed.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&output)
+            .expect("results")
+            .lines()
+            .count(),
+        2
+    );
+
+    let demo = run_async(
+        "fleet-producer",
+        vec!["demo".to_owned()],
+        fleet_env(&settings, &vhost),
+    )
+    .await;
+    assert_eq!(
+        demo.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&demo.stdout);
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("Put task "))
+            .count(),
+        10
+    );
+    let results: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("Result: "))
+        .collect();
+    assert_eq!(results.len(), 10, "{stdout}");
+    for line in results {
+        // "Result: 3411 * 3411 = 11634921"
+        let numbers: Vec<i64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().expect("number"))
+            .collect();
+        assert_eq!(numbers.len(), 3, "{line}");
+        assert_eq!(numbers[0], numbers[1]);
+        assert_eq!(numbers[0] * numbers[0], numbers[2], "{line}");
+    }
+    assert!(stdout.trim_end().ends_with("master exit."));
+
+    consumer.stop().await.expect("consumer drains");
+    collector.stop().await.expect("collector drains");
+}

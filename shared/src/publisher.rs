@@ -14,6 +14,9 @@ use tokio::sync::Semaphore;
 /// The AMQP `app_id` of everything fleet publishes.
 pub const APP_ID: &str = "fleet";
 
+/// Times a nacked publish is sent again before the nack is the caller's error.
+const NACK_RETRIES: usize = 4;
+
 /// Why a publish did not succeed. In every case the caller still owns the message.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -198,6 +201,20 @@ impl Publisher {
             .acquire()
             .await
             .expect("publish window semaphore is never closed");
+        // A quorum queue nacks while it is still electing its first leader (seen right after
+        // declaration); the message is still ours, so send it again a few times.
+        let mut delay = std::time::Duration::from_millis(50);
+        for _ in 0..NACK_RETRIES {
+            let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
+            let confirm = self.send(message.clone()).await?;
+            match check(confirm.await, exchange, routing_key) {
+                Err(PublishError::Nacked { .. }) => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                outcome => return outcome,
+            }
+        }
         let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
         let confirm = self.send(message).await?;
         check(confirm.await, exchange, routing_key)

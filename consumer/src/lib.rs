@@ -15,10 +15,8 @@ pub mod worker;
 use anyhow::Context as _;
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::redact;
-use fleet_shared::{amqp, publisher::Publisher, topology};
+use fleet_shared::{amqp, topology};
 use futures_util::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use registry::Registry;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -36,30 +34,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
-    let connection = amqp::connect(&settings, "fleet-consumer").await?;
-    let channel = connection
-        .create_channel()
-        .await
-        .context("opening a channel")?;
-    topology::declare(&channel, &settings.topology)
-        .await
-        .context("declaring topology")?;
-    channel
-        .basic_qos(settings.prefetch(), BasicQosOptions::default())
-        .await
-        .context("setting prefetch")?;
-    let publisher = Publisher::new(&connection, settings.amqp.publish_window)
-        .await
-        .context("opening the publish channel")?;
-    let mut deliveries = channel
-        .basic_consume(
-            topology::WORK_QUEUE.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("consuming from {}", topology::WORK_QUEUE))?;
+    let mut subscription = amqp::subscribe(
+        &settings,
+        "fleet-consumer",
+        topology::WORK_QUEUE,
+        settings.prefetch(),
+    )
+    .await?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         broker = %redact(&settings.amqp.url),
@@ -72,15 +53,20 @@ pub async fn run(
     );
 
     let worker = Arc::new(
-        Worker::new(Arc::clone(&settings), registry, publisher, shutdown.clone())
-            .context("starting the worker pool")?,
+        Worker::new(
+            Arc::clone(&settings),
+            registry,
+            subscription.publisher.clone(),
+            shutdown.clone(),
+        )
+        .context("starting the worker pool")?,
     );
     let in_flight = TaskTracker::new();
     let outcome = loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break Ok(()),
-            next = deliveries.next() => match next {
+            next = subscription.deliveries.next() => match next {
                 Some(Ok(delivery)) => {
                     in_flight.spawn(Arc::clone(&worker).handle(delivery));
                 }
@@ -92,9 +78,7 @@ pub async fn run(
 
     tracing::info!(in_flight = in_flight.len(), "draining");
     // Stop new deliveries; those already prefetched are either run or returned by the worker.
-    let _ = channel
-        .basic_cancel(deliveries.tag(), BasicCancelOptions::default())
-        .await;
+    subscription.cancel().await;
     in_flight.close();
     if tokio::time::timeout(settings.consumer_grace(), in_flight.wait())
         .await
@@ -105,9 +89,7 @@ pub async fn run(
             "grace period over; unfinished tasks go back to the queue when the channel closes"
         );
     }
-    // Closing the channel returns anything still unacked to the queue.
-    let _ = channel.close(200, "draining done".into()).await;
-    let _ = connection.close(200, "bye".into()).await;
+    subscription.close().await;
     tracing::info!("fleet-consumer stopped");
     outcome
 }

@@ -1,11 +1,17 @@
 //! Connecting to the broker: password from settings files applied, a bounded wait, and the
-//! broker's refusal of our credentials turned into an [`AuthError`] (exit code 3).
+//! broker's refusal of our credentials turned into an [`AuthError`] (exit code 3); and
+//! [`subscribe`], the start-up every consuming service shares.
 
 use crate::error::AuthError;
+use crate::publisher::Publisher;
 use crate::settings::Settings;
 use crate::telemetry::redact;
+use crate::topology;
 use anyhow::Context as _;
+use backon::{ExponentialBuilder, Retryable as _};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 use std::time::Duration;
 
@@ -45,4 +51,101 @@ pub fn is_refusal(error: &lapin::Error) -> bool {
         ErrorKind::AuthProviderError(_) => true,
         _ => false,
     }
+}
+
+/// A service's consuming side: its connection, the channel deliveries arrive on, a confirmed
+/// publisher on a second channel, and the delivery stream.
+pub struct Subscription {
+    /// The connection both channels live on.
+    pub connection: Connection,
+    /// The channel deliveries arrive and are acked on.
+    pub channel: lapin::Channel,
+    /// Confirmed publishes (results, retries, dead letters).
+    pub publisher: Publisher,
+    /// The delivery stream.
+    pub deliveries: lapin::Consumer,
+}
+
+impl Subscription {
+    /// Cancels the consumer (no new deliveries); errors are moot during shutdown.
+    pub async fn cancel(&self) {
+        let _ = self
+            .channel
+            .basic_cancel(self.deliveries.tag(), BasicCancelOptions::default())
+            .await;
+    }
+
+    /// Closes channel and connection; anything still unacked goes back to its queue.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "bye".into()).await;
+        let _ = self.connection.close(200, "bye".into()).await;
+    }
+}
+
+/// Connects as `name`, declares the topology, sets `prefetch` and starts consuming `queue`.
+///
+/// A failed start is tried again with backoff (about 10 s in all): RabbitMQ 3.10 closes the
+/// connection with INTERNAL_ERROR when `basic.consume` reaches a quorum queue whose Raft member
+/// has not started yet, which happens when services start together on a fresh vhost.
+/// A refusal of our credentials ([`AuthError`]) and bad settings fail at once.
+pub async fn subscribe(
+    settings: &Settings,
+    name: &str,
+    queue: &str,
+    prefetch: u16,
+) -> anyhow::Result<Subscription> {
+    let start = || subscribe_once(settings, name, queue, prefetch);
+    start
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(3))
+                .with_max_times(6),
+        )
+        .when(|e: &anyhow::Error| {
+            !e.chain()
+                .any(|c| c.is::<AuthError>() || c.is::<crate::error::SettingsError>())
+        })
+        .notify(|e: &anyhow::Error, wait: Duration| {
+            tracing::warn!(error = %format!("{e:#}"), ?wait, "starting to consume failed; trying again");
+        })
+        .await
+}
+
+async fn subscribe_once(
+    settings: &Settings,
+    name: &str,
+    queue: &str,
+    prefetch: u16,
+) -> anyhow::Result<Subscription> {
+    let connection = connect(settings, name).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    topology::declare(&channel, &settings.topology)
+        .await
+        .context("declaring topology")?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .context("setting prefetch")?;
+    let publisher = Publisher::new(&connection, settings.amqp.publish_window)
+        .await
+        .context("opening the publish channel")?;
+    let deliveries = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("consuming from {queue}"))?;
+    Ok(Subscription {
+        connection,
+        channel,
+        publisher,
+        deliveries,
+    })
 }

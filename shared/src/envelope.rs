@@ -13,8 +13,10 @@ pub const HEADER_ATTEMPT: &str = "x-fleet-attempt";
 pub const HEADER_ERROR: &str = "x-fleet-error";
 /// Header on dead-lettered messages: the routing key the task was published with.
 pub const HEADER_ROUTING_KEY: &str = "x-fleet-routing-key";
-/// Header on retried messages: which delay queue holds them.
-pub const HEADER_DELAY: &str = "x-fleet-delay";
+/// Header on retried messages: which delay queue holds them. Not `x-` prefixed on purpose: a
+/// headers exchange ignores binding arguments that start with `x-`, so such a binding would
+/// match every retry and copy it into every delay queue.
+pub const HEADER_DELAY: &str = "fleet-delay-ms";
 /// Header: W3C trace context, when the caller had one.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 /// `content_type` of every fleet message.

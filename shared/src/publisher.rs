@@ -208,7 +208,11 @@ impl Publisher {
             let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
             let confirm = self.send(message.clone()).await?;
             match check(confirm.await, exchange, routing_key) {
-                Err(PublishError::Nacked { .. }) => {
+                Err(PublishError::Nacked {
+                    exchange,
+                    routing_key,
+                }) => {
+                    tracing::warn!(%exchange, %routing_key, ?delay, "broker nacked a publish; sending it again");
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! fleet.tasks (topic) --#--> fleet.tasks.default --(reject / delivery limit)--> fleet.dead (fanout) -> fleet.dead
-//! fleet.retry (headers, x-fleet-delay=<ms>) -> fleet.retry.<ms>ms --(TTL expires)--> fleet.tasks, same routing key
+//! fleet.retry (headers, fleet-delay-ms=<ms>) -> fleet.retry.<ms>ms --(TTL expires)--> fleet.tasks, same routing key
 //! (default exchange) -> fleet.results  (single active consumer: the collector)
 //! ```
 
@@ -20,7 +20,7 @@ pub const WORK_QUEUE: &str = "fleet.tasks.default";
 pub const DEAD_EXCHANGE: &str = "fleet.dead";
 /// ...into this queue.
 pub const DEAD_QUEUE: &str = "fleet.dead";
-/// Retries are published here with header `x-fleet-delay` naming the delay queue.
+/// Retries are published here with header `fleet-delay-ms` naming the delay queue.
 pub const RETRY_EXCHANGE: &str = "fleet.retry";
 /// Results and batch manifests, consumed by the collector.
 pub const RESULTS_QUEUE: &str = "fleet.results";
@@ -30,7 +30,7 @@ pub fn retry_queue(delay_ms: u64) -> String {
     format!("fleet.retry.{delay_ms}ms")
 }
 
-/// The `x-fleet-delay` header value that routes a retry to the queue for `delay_ms`.
+/// The `fleet-delay-ms` header value that routes a retry to the queue for `delay_ms`.
 pub fn delay_key(delay_ms: u64) -> String {
     delay_ms.to_string()
 }

@@ -58,6 +58,8 @@ impl Vhost {
     /// When no broker answers or rabbitmqctl fails: tests cannot run without one.
     pub fn new() -> Self {
         require_broker();
+        // Service logs (warnings by default, RUST_LOG for more) go to stderr beside the test's.
+        fleet_shared::telemetry::init(fleet_shared::settings::LogFormat::Pretty, "warn");
         let name = format!("fleet-test-{}", uuid::Uuid::new_v4().simple());
         rabbitmqctl(&["add_vhost", &name]).expect("creating a test vhost");
         rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"])
@@ -103,6 +105,14 @@ impl Default for Vhost {
 
 impl Drop for Vhost {
     fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("FLEET_TEST_KEEP").is_some() {
+            eprintln!(
+                "keeping vhost {} and {} for inspection",
+                self.name,
+                self.dir.display()
+            );
+            return;
+        }
         let _ = rabbitmqctl(&["delete_vhost", &self.name]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }

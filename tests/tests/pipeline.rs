@@ -333,7 +333,8 @@ async fn a_handler_failing_retryably_twice_then_succeeding_gives_one_ok_result_w
     assert_eq!(result.status, Status::Failed);
     assert_eq!(result.attempts, settings.consumer.max_attempts);
     let dead = drain_dead(&settings).await;
-    assert_eq!(dead.len(), 1);
+    let reasons: Vec<&str> = dead.iter().map(|(reason, _)| reason.as_str()).collect();
+    assert_eq!(dead.len(), 1, "dead letters: {reasons:?}");
     assert!(
         dead[0].0.starts_with("flaky: attempt 4 fails on purpose"),
         "{}",
@@ -466,4 +467,47 @@ async fn http_batches_and_tasks_are_read_back_from_the_collector_and_bad_json_is
     api.stop().await.expect("API stops cleanly");
     consumer.stop().await.expect("consumer drains cleanly");
     collector.stop().await.expect("collector drains cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waits_in_exactly_one_delay_queue() {
+    let vhost = Vhost::new();
+    // Long delays, so the retry is still waiting when the queues are counted.
+    let settings = vhost.settings(&[("FLEET_TOPOLOGY__RETRY_DELAYS_MS", "60000,120000")]);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    let task = Task::new("retry-1".into(), "square".into(), None, json!({ "n": 2 }));
+    let retry = Outgoing::forward(
+        topology::RETRY_EXCHANGE,
+        "square",
+        envelope::encode(&task),
+        &Outgoing::task(&task).properties,
+        vec![(
+            envelope::HEADER_DELAY,
+            fleet_shared::publisher::header_str(&topology::delay_key(60_000)),
+        )],
+    );
+    publisher.publish(retry).await.expect("retry published");
+    let count = |queue: String| {
+        let channel = publisher.channel().clone();
+        async move {
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .expect("queue exists")
+                .message_count()
+        }
+    };
+    assert_eq!(count(topology::retry_queue(60_000)).await, 1);
+    assert_eq!(count(topology::retry_queue(120_000)).await, 0);
+    assert_eq!(count(topology::WORK_QUEUE.to_owned()).await, 0);
+    let _ = connection.close(200, "done".into()).await;
 }

@@ -16,8 +16,7 @@ use fleet_shared::telemetry::redact;
 use fleet_shared::{amqp, topology};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::Store;
@@ -38,32 +37,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .await
         .with_context(|| format!("listening on {}", settings.collector.listen))?;
 
-    let connection = amqp::connect(&settings, "fleet-collector").await?;
-    let channel = connection
-        .create_channel()
-        .await
-        .context("opening a channel")?;
-    topology::declare(&channel, &settings.topology)
-        .await
-        .context("declaring topology")?;
     let prefetch =
         u16::try_from(settings.collector.batch_size.saturating_mul(2)).unwrap_or(u16::MAX);
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .context("setting prefetch")?;
-    let dead = Publisher::new(&connection, settings.amqp.publish_window)
-        .await
-        .context("opening the dead-letter publish channel")?;
-    let mut deliveries = channel
-        .basic_consume(
-            topology::RESULTS_QUEUE.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("consuming from {}", topology::RESULTS_QUEUE))?;
+    let mut subscription = amqp::subscribe(
+        &settings,
+        "fleet-collector",
+        topology::RESULTS_QUEUE,
+        prefetch,
+    )
+    .await?;
+    let dead = subscription.publisher.clone();
 
     let http_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
@@ -89,7 +72,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         let first = tokio::select! {
             biased;
             () = shutdown.cancelled() => break Ok(()),
-            next = deliveries.next() => next,
+            next = subscription.deliveries.next() => next,
         };
         match first {
             Some(Ok(delivery)) => group.push(delivery),
@@ -107,7 +90,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         while group.len() < max {
             tokio::select! {
                 () = &mut deadline => break,
-                next = deliveries.next() => match next {
+                next = subscription.deliveries.next() => match next {
                     Some(Ok(delivery)) => group.push(delivery),
                     Some(Err(e)) => { failed = Some(anyhow::Error::new(e).context("the result stream failed")); break }
                     None => { failed = Some(anyhow::anyhow!("the broker cancelled our consumer")); break }
@@ -122,17 +105,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         }
     };
 
-    let _ = channel
-        .basic_cancel(deliveries.tag(), BasicCancelOptions::default())
-        .await;
+    subscription.cancel().await;
     // Whatever arrived before the cancel is stored and acked; the rest is redelivered.
     if outcome.is_ok() && !group.is_empty() {
         flush(&writer, &dead, &mut group).await?;
     }
     shutdown.cancel();
     let _ = server.await;
-    let _ = channel.close(200, "bye".into()).await;
-    let _ = connection.close(200, "bye".into()).await;
+    subscription.close().await;
     tracing::info!("fleet-collector stopped");
     outcome
 }

@@ -14,11 +14,12 @@ use axum::routing::post;
 use axum::{Json, Router};
 use deadpool_lapin::{Pool, Runtime};
 use fleet_shared::envelope::Task;
-use fleet_shared::publisher::{Outgoing, Publisher};
+use fleet_shared::publisher::{Outgoing, PublishError, Publisher};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::redact;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::future::Future;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -104,16 +105,34 @@ fn bad_request(rejection: JsonRejection) -> ApiError {
 }
 
 impl App {
-    /// A confirmed publisher on a pooled connection. The channel is closed when dropped
-    /// with the last clone of the publisher.
-    async fn publisher(&self) -> Result<Publisher, ApiError> {
+    /// Runs `publish` with a confirmed publisher on a pooled connection and closes its channel.
+    /// No connection, no channel, or an unconfirmed publish is a 503: the caller may try again.
+    async fn publish<T, F, Fut>(&self, what: &str, publish: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(Publisher) -> Fut,
+        Fut: Future<Output = Result<T, PublishError>>,
+    {
+        let unavailable =
+            || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the broker is unavailable");
         let connection = self.pool.get().await.map_err(|e| {
             tracing::warn!(error = %e, "no broker connection");
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the broker is unavailable")
+            unavailable()
         })?;
-        Publisher::new(&connection, self.window).await.map_err(|e| {
-            tracing::warn!(error = %e, "cannot open a channel");
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the broker is unavailable")
+        let publisher = Publisher::new(&connection, self.window)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot open a channel");
+                unavailable()
+            })?;
+        let channel = publisher.channel().clone();
+        let outcome = publish(publisher).await;
+        let _ = channel.close(200, "done".into()).await;
+        outcome.map_err(|e| {
+            tracing::warn!(error = %anyhow::Error::from(e), "{what} not confirmed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the broker did not confirm the {what}"),
+            )
         })
     }
 }
@@ -131,72 +150,38 @@ fn check_kind(kind: &str) -> Result<(), ApiError> {
 async fn create_task(
     State(app): State<Arc<App>>,
     body: Result<Json<NewTask>, JsonRejection>,
-) -> Response {
-    let Json(new) = match body {
-        Ok(body) => body,
-        Err(rejection) => return bad_request(rejection).into_response(),
-    };
-    if let Err(response) = check_kind(&new.kind) {
-        return response.into_response();
-    }
+) -> Result<Response, ApiError> {
+    let Json(new) = body.map_err(bad_request)?;
+    check_kind(&new.kind)?;
     let id = new.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let task = Task::new(id.clone(), new.kind, None, new.payload);
-    let publisher = match app.publisher().await {
-        Ok(publisher) => publisher,
-        Err(response) => return response.into_response(),
-    };
-    let outcome = publisher.publish(Outgoing::task(&task)).await;
-    let _ = publisher.channel().close(200, "done".into()).await;
-    match outcome {
-        Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response(),
-        Err(e) => {
-            tracing::warn!(task_id = %id, error = %anyhow::Error::from(e), "publish not confirmed");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the broker did not confirm the task",
-            )
-            .into_response()
-        }
-    }
+    app.publish("task", |publisher| async move {
+        publisher.publish(Outgoing::task(&task)).await
+    })
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response())
 }
 
 async fn create_batch(
     State(app): State<Arc<App>>,
     body: Result<Json<NewBatch>, JsonRejection>,
-) -> Response {
-    let Json(new) = match body {
-        Ok(body) => body,
-        Err(rejection) => return bad_request(rejection).into_response(),
-    };
-    if let Err(response) = check_kind(&new.kind) {
-        return response.into_response();
-    }
+) -> Result<Response, ApiError> {
+    let Json(new) = body.map_err(bad_request)?;
+    check_kind(&new.kind)?;
     if new.payloads.is_empty() || new.payloads.len() > app.max_batch {
-        return ApiError::new(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("`payloads` must hold 1 to {} payloads", app.max_batch),
-        )
-        .into_response();
+        ));
     }
-    let publisher = match app.publisher().await {
-        Ok(publisher) => publisher,
-        Err(response) => return response.into_response(),
-    };
-    let outcome = submit::publish_batch(&publisher, &new.kind, new.payloads).await;
-    let _ = publisher.channel().close(200, "done".into()).await;
-    match outcome {
-        Ok(receipt) => (
-            StatusCode::ACCEPTED,
-            Json(json!({ "batch": receipt.batch, "total": receipt.task_ids.len() })),
-        )
-            .into_response(),
-        Err(e) => {
-            tracing::warn!(error = %anyhow::Error::from(e), "batch publish not confirmed");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the broker did not confirm the batch",
-            )
-            .into_response()
-        }
-    }
+    let receipt = app
+        .publish("batch", |publisher| async move {
+            submit::publish_batch(&publisher, &new.kind, new.payloads).await
+        })
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "batch": receipt.batch, "total": receipt.task_ids.len() })),
+    )
+        .into_response())
 }

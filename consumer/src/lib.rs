@@ -26,59 +26,83 @@ use worker::Worker;
 /// Runs a consumer until `shutdown` is cancelled, then drains: no new deliveries, in-flight tasks
 /// finish within `consumer.grace_period_secs`, unstarted ones return to the queue.
 ///
-/// Fails when the broker cannot be reached or refuses us, when topology cannot be declared, or
-/// when the delivery stream ends or errors (the supervisor should restart the process).
+/// A lost connection, a closed channel or the broker cancelling our consumer ends only the
+/// session: the consumer connects again with backoff, declares topology and subscribes again.
+/// Tasks that were in flight on the lost connection are redelivered by the broker (to us or
+/// another consumer), so a reconnect can give duplicates but never loses a task.
+///
+/// Fails when the broker refuses us, when it stays unreachable for
+/// `amqp.reconnect_timeout_secs`, or when the worker pool cannot start.
 pub async fn run(
     settings: Settings,
     registry: Registry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
-    let mut subscription = amqp::subscribe(
-        &settings,
-        "fleet-consumer",
-        topology::WORK_QUEUE,
-        settings.prefetch(),
-    )
-    .await?;
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        broker = %redact(&settings.amqp.url),
-        queue = topology::WORK_QUEUE,
-        workers = settings.consumer.workers,
-        io_concurrency = settings.consumer.io_concurrency,
-        prefetch = settings.prefetch(),
-        kinds = ?registry.kinds(),
-        "fleet-consumer started"
-    );
-
+    let kinds: Vec<String> = registry.kinds().into_iter().map(str::to_owned).collect();
     let worker = Arc::new(
-        Worker::new(
-            Arc::clone(&settings),
-            registry,
-            subscription.publisher.clone(),
-            shutdown.clone(),
-        )
-        .context("starting the worker pool")?,
+        Worker::new(Arc::clone(&settings), registry, shutdown.clone())
+            .context("starting the worker pool")?,
     );
+    // Every delivery ever started, for the final drain.
     let in_flight = TaskTracker::new();
+    let mut sessions = 0u64;
     let outcome = loop {
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break Ok(()),
-            next = subscription.deliveries.next() => match next {
-                Some(Ok(delivery)) => {
-                    in_flight.spawn(Arc::clone(&worker).handle(delivery));
-                }
-                Some(Err(error)) => break Err(anyhow::Error::new(error).context("the delivery stream failed")),
-                None => break Err(anyhow::anyhow!("the broker cancelled our consumer on {}", topology::WORK_QUEUE)),
-            },
+        let subscription = amqp::subscribe(
+            &settings,
+            "fleet-consumer",
+            topology::WORK_QUEUE,
+            settings.prefetch(),
+            &shutdown,
+        )
+        .await;
+        let mut subscription = match subscription {
+            Ok(Some(subscription)) => subscription,
+            Ok(None) => break Ok(None),
+            Err(error) => break Err(error),
+        };
+        if sessions == 0 {
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                broker = %redact(&settings.amqp.url),
+                queue = topology::WORK_QUEUE,
+                workers = settings.consumer.workers,
+                io_concurrency = settings.consumer.io_concurrency,
+                prefetch = settings.prefetch(),
+                kinds = ?kinds,
+                "fleet-consumer started"
+            );
+        } else {
+            tracing::info!(reconnects = sessions, "fleet-consumer consuming again");
+        }
+        sessions += 1;
+        let session = TaskTracker::new();
+        match consume(&mut subscription, &worker, &in_flight, &session, &shutdown).await {
+            None => break Ok(Some(subscription)),
+            Some(error) => {
+                tracing::warn!(
+                    error = %format!("{error:#}"),
+                    in_flight = session.len(),
+                    "lost the broker; reconnecting (unacked tasks are redelivered)"
+                );
+                // Tasks still running may yet settle if only our consumer was cancelled; close
+                // the old connection once they are done (or the grace period is over).
+                session.close();
+                let grace = settings.consumer_grace();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(grace, session.wait()).await;
+                    subscription.close().await;
+                });
+            }
         }
     };
 
     tracing::info!(in_flight = in_flight.len(), "draining");
+    let subscription = outcome?;
     // Stop new deliveries; those already prefetched are either run or returned by the worker.
-    subscription.cancel().await;
+    if let Some(subscription) = &subscription {
+        subscription.cancel().await;
+    }
     in_flight.close();
     if tokio::time::timeout(settings.consumer_grace(), in_flight.wait())
         .await
@@ -89,7 +113,40 @@ pub async fn run(
             "grace period over; unfinished tasks go back to the queue when the channel closes"
         );
     }
-    subscription.close().await;
+    if let Some(subscription) = subscription {
+        subscription.close().await;
+    }
     tracing::info!("fleet-consumer stopped");
-    outcome
+    Ok(())
+}
+
+/// Hands deliveries to the worker until shutdown (`None`) or until the session is lost (why).
+async fn consume(
+    subscription: &mut amqp::Subscription,
+    worker: &Arc<Worker>,
+    in_flight: &TaskTracker,
+    session: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Option<anyhow::Error> {
+    let mut health = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return None,
+            next = subscription.deliveries.next() => match next {
+                Some(Ok(delivery)) => {
+                    let handled = Arc::clone(worker).handle(delivery, subscription.publisher.clone());
+                    session.spawn(in_flight.track_future(handled));
+                }
+                Some(Err(error)) => return Some(anyhow::Error::new(error).context("the delivery stream failed")),
+                None => return Some(anyhow::anyhow!("the broker cancelled our consumer on {}", topology::WORK_QUEUE)),
+            },
+            _ = health.tick() => {
+                // Results go out on a second channel; if the broker closed it, nothing can settle.
+                if let Some(why) = subscription.lost() {
+                    return Some(why);
+                }
+            }
+        }
+    }
 }

@@ -13,6 +13,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 /// What a handler knows about the task it runs. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -23,6 +24,11 @@ pub struct TaskContext {
     pub attempt: u32,
     /// After this instant the result is no longer wanted.
     pub deadline: Option<DateTime<Utc>>,
+    /// Cancelled when the task passes its time limit. I/O handlers are dropped at that moment
+    /// anyway; a compute handler cannot be stopped from outside, so a long one should check
+    /// [`CancellationToken::is_cancelled`] now and then and return (its slot stays taken until it
+    /// does).
+    pub cancel: CancellationToken,
 }
 
 /// A handler failure: retryable (the task is tried again after a delay) or permanent.

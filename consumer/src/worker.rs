@@ -8,22 +8,22 @@ use fleet_shared::envelope::{self, ErrorInfo, Status, TaskResult};
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher, header_str};
 use fleet_shared::settings::Settings;
 use fleet_shared::topology;
+use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use serde_json::Value;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Runs deliveries. Shared by every in-flight delivery of one consumer process.
 pub struct Worker {
     registry: Registry,
-    publisher: Publisher,
     pool: rayon::ThreadPool,
-    compute_slots: Semaphore,
-    io_slots: Semaphore,
+    compute_slots: Arc<Semaphore>,
+    io_slots: Arc<Semaphore>,
     settings: Arc<Settings>,
     identity: String,
     shutdown: CancellationToken,
@@ -47,7 +47,6 @@ impl Worker {
     pub fn new(
         settings: Arc<Settings>,
         registry: Registry,
-        publisher: Publisher,
         shutdown: CancellationToken,
     ) -> Result<Self, rayon::ThreadPoolBuildError> {
         let workers = settings.consumer.workers;
@@ -57,10 +56,9 @@ impl Worker {
             .build()?;
         Ok(Self {
             registry,
-            publisher,
             pool,
-            compute_slots: Semaphore::new(workers),
-            io_slots: Semaphore::new(settings.consumer.io_concurrency),
+            compute_slots: Arc::new(Semaphore::new(workers)),
+            io_slots: Arc::new(Semaphore::new(settings.consumer.io_concurrency)),
             identity: format!(
                 "{}/{}",
                 gethostname::gethostname().to_string_lossy(),
@@ -71,10 +69,11 @@ impl Worker {
         })
     }
 
-    /// Handles one delivery to the end. Never panics and never returns an error: a delivery it
-    /// cannot settle is nacked back to the queue (or left for the broker to redeliver).
-    pub async fn handle(self: Arc<Self>, delivery: Delivery) {
-        if let Err(error) = self.process(&delivery).await {
+    /// Handles one delivery to the end, settling it through `publisher` (a confirm channel on
+    /// the connection the delivery came on). Never panics and never returns an error: a delivery
+    /// it cannot settle is nacked back to the queue (or left for the broker to redeliver).
+    pub async fn handle(self: Arc<Self>, delivery: Delivery, publisher: Publisher) {
+        if let Err(error) = self.process(&delivery, &publisher).await {
             tracing::warn!(
                 message_id = ?delivery.properties.message_id(),
                 error = %anyhow::Error::from(error),
@@ -90,50 +89,51 @@ impl Worker {
         }
     }
 
-    async fn process(&self, delivery: &Delivery) -> Result<(), SettleError> {
+    async fn process(&self, delivery: &Delivery, publisher: &Publisher) -> Result<(), SettleError> {
         let max = self.settings.consumer.max_message_bytes;
         if delivery.data.len() > max {
             let reason = format!(
                 "too large: {} bytes, the limit is {max}",
                 delivery.data.len()
             );
-            return self.dead_letter(delivery, &reason).await;
+            return dead_letter(publisher, delivery, &reason).await;
         }
         let task = match envelope::decode_task(&delivery.data) {
             Ok(task) => task,
-            Err(error) => return self.dead_letter(delivery, &error.to_string()).await,
+            Err(error) => return dead_letter(publisher, delivery, &error.to_string()).await,
         };
         let Some(handler) = self.registry.get(&task.kind) else {
             let reason = format!("unknown kind `{}`", task.kind);
-            return self.dead_letter(delivery, &reason).await;
+            return dead_letter(publisher, delivery, &reason).await;
         };
+        let policy = self.settings.policy(&task.kind);
         let attempt = attempt_of(delivery);
         let ctx = TaskContext {
             id: Arc::from(task.id.as_str()),
             attempt,
             deadline: task.deadline,
+            cancel: CancellationToken::new(),
         };
 
-        let permit = {
-            let slots = match handler.work {
-                Work::Compute => &self.compute_slots,
-                Work::Io => &self.io_slots,
-            };
-            tokio::select! {
-                biased;
-                permit = slots.acquire() => permit.expect("slot semaphores are never closed"),
-                () = self.shutdown.cancelled() => {
-                    // Draining: a task that has not started goes back to the queue untouched.
-                    delivery
-                        .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
-                        .await
-                        .map_err(SettleError::Ack)?;
-                    return Ok(());
-                }
+        let slots = match handler.work {
+            Work::Compute => &self.compute_slots,
+            Work::Io => &self.io_slots,
+        };
+        let permit = tokio::select! {
+            biased;
+            permit = Arc::clone(slots).acquire_owned() => permit.expect("slot semaphores are never closed"),
+            () = self.shutdown.cancelled() => {
+                // Draining: a task that has not started goes back to the queue untouched.
+                delivery
+                    .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
+                    .await
+                    .map_err(SettleError::Ack)?;
+                return Ok(());
             }
         };
         let started_at = Utc::now();
         let (output, slot) = if task.deadline.is_some_and(|d| d < started_at) {
+            drop(permit);
             (
                 Err(HandlerError::permanent(
                     "expired",
@@ -142,13 +142,32 @@ impl Worker {
                 "-".to_owned(),
             )
         } else {
+            let cancel = ctx.cancel.clone();
             let future = (handler.call)(task.payload.clone(), ctx);
-            match handler.work {
-                Work::Compute => self.run_compute(future).await,
-                Work::Io => (run_io(future).await, "io".to_owned()),
+            let running = match handler.work {
+                Work::Compute => self.run_compute(future, permit),
+                Work::Io => Box::pin(run_io(future, permit)),
+            };
+            match tokio::time::timeout(policy.time_limit, running).await {
+                Ok(done) => done,
+                Err(_) => {
+                    // An I/O handler was dropped with its future; a compute handler is told and
+                    // keeps its slot until it returns. Either way the task is settled now.
+                    cancel.cancel();
+                    tracing::warn!(task_id = %task.id, kind = %task.kind, limit = ?policy.time_limit, "task ran past its time limit");
+                    (
+                        Err(HandlerError::retryable(
+                            "timeout",
+                            format!(
+                                "ran past its time limit of {} ms",
+                                policy.time_limit.as_millis()
+                            ),
+                        )),
+                        "-".to_owned(),
+                    )
+                }
             }
         };
-        drop(permit);
         let finished_at = Utc::now();
         tracing::debug!(task_id = %task.id, kind = %task.kind, attempt, ok = output.is_ok(), "task ran");
 
@@ -169,16 +188,15 @@ impl Worker {
             started_at,
             finished_at,
         };
-        let consumer = &self.settings.consumer;
         match disposition::decide(
             &outcome,
             attempt,
-            consumer.max_attempts,
-            &self.settings.topology.retry_delays_ms,
+            policy.max_attempts,
+            policy.retry_delays_ms,
         ) {
             Disposition::Complete => {
                 let output = output.ok();
-                self.publisher
+                publisher
                     .publish(Outgoing::result(&result(Status::Ok, output, None)))
                     .await?;
                 ack(delivery).await
@@ -201,7 +219,7 @@ impl Worker {
                         ),
                     ],
                 );
-                self.publisher.publish(retry).await?;
+                publisher.publish(retry).await?;
                 ack(delivery).await
             }
             Disposition::Fail => {
@@ -213,19 +231,21 @@ impl Worker {
                     .as_ref()
                     .map_or_else(String::new, |e| format!("{}: {}", e.kind, e.message));
                 tracing::warn!(task_id = %task.id, kind = %task.kind, attempts = attempt + 1, %reason, "task failed");
-                self.publisher
+                publisher
                     .publish(Outgoing::result(&result(Status::Failed, None, error)))
                     .await?;
-                self.dead_letter(delivery, &reason).await
+                dead_letter(publisher, delivery, &reason).await
             }
         }
     }
 
-    /// Runs a compute handler on the blocking pool; a panic becomes a permanent failure.
-    async fn run_compute(
+    /// Runs a compute handler on the pool; a panic becomes a permanent failure. The slot
+    /// (`permit`) is held by the pool thread, so it is freed only when the handler returns.
+    fn run_compute(
         &self,
-        future: futures_util::future::BoxFuture<'static, Result<Value, HandlerError>>,
-    ) -> (Result<Value, HandlerError>, String) {
+        future: BoxFuture<'static, Result<Value, HandlerError>>,
+        permit: OwnedSemaphorePermit,
+    ) -> BoxFuture<'static, (Result<Value, HandlerError>, String)> {
         let (tx, rx) = oneshot::channel();
         self.pool.spawn(move || {
             let slot =
@@ -233,56 +253,77 @@ impl Worker {
             let outcome =
                 std::panic::catch_unwind(AssertUnwindSafe(|| futures_executor::block_on(future)))
                     .unwrap_or_else(|panic| Err(panicked(panic.as_ref())));
-            // The receiver is gone only if the runtime is shutting down; nobody wants the result.
+            drop(permit);
+            // The receiver is gone if the task timed out or the runtime is shutting down.
             let _ = tx.send((outcome, slot));
         });
-        rx.await.unwrap_or_else(|_| {
-            (
-                Err(HandlerError::retryable(
-                    "lost",
-                    "the worker thread went away",
-                )),
-                "?".to_owned(),
-            )
+        Box::pin(async move {
+            rx.await.unwrap_or_else(|_| {
+                (
+                    Err(HandlerError::retryable(
+                        "lost",
+                        "the worker thread went away",
+                    )),
+                    "?".to_owned(),
+                )
+            })
         })
-    }
-
-    /// Publishes a copy of the delivery to `fleet.dead` with the reason, then acks the original.
-    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), SettleError> {
-        tracing::warn!(message_id = ?delivery.properties.message_id(), %reason, "dead-lettering");
-        let copy = Outgoing::forward(
-            topology::DEAD_EXCHANGE,
-            delivery.routing_key.as_str(),
-            delivery.data.clone(),
-            &delivery.properties,
-            vec![
-                (envelope::HEADER_ERROR, header_str(reason)),
-                (
-                    envelope::HEADER_ROUTING_KEY,
-                    header_str(delivery.routing_key.as_str()),
-                ),
-                (
-                    envelope::HEADER_ATTEMPT,
-                    AMQPValue::LongLongInt(attempt_of(delivery).into()),
-                ),
-            ],
-        );
-        self.publisher.publish(copy).await?;
-        ack(delivery).await
     }
 }
 
+/// Publishes a copy of the delivery to `fleet.dead` with the reason, then acks the original.
+async fn dead_letter(
+    publisher: &Publisher,
+    delivery: &Delivery,
+    reason: &str,
+) -> Result<(), SettleError> {
+    tracing::warn!(message_id = ?delivery.properties.message_id(), %reason, "dead-lettering");
+    let copy = Outgoing::forward(
+        topology::DEAD_EXCHANGE,
+        delivery.routing_key.as_str(),
+        delivery.data.clone(),
+        &delivery.properties,
+        vec![
+            (envelope::HEADER_ERROR, header_str(reason)),
+            (
+                envelope::HEADER_ROUTING_KEY,
+                header_str(delivery.routing_key.as_str()),
+            ),
+            (
+                envelope::HEADER_ATTEMPT,
+                AMQPValue::LongLongInt(attempt_of(delivery).into()),
+            ),
+        ],
+    );
+    publisher.publish(copy).await?;
+    ack(delivery).await
+}
+
+/// Runs an I/O handler as its own task, so a panic is caught by tokio and does not take the
+/// delivery down with it. Dropping the returned future (the time limit) aborts the handler.
 async fn run_io(
-    future: futures_util::future::BoxFuture<'static, Result<Value, HandlerError>>,
-) -> Result<Value, HandlerError> {
-    // Its own task, so a panic is caught by tokio and does not take the delivery down with it.
-    match tokio::spawn(future).await {
+    future: BoxFuture<'static, Result<Value, HandlerError>>,
+    permit: OwnedSemaphorePermit,
+) -> (Result<Value, HandlerError>, String) {
+    let mut task = AbortOnDrop(tokio::spawn(future));
+    let outcome = match (&mut task.0).await {
         Ok(outcome) => outcome,
         Err(error) if error.is_panic() => Err(panicked(error.into_panic().as_ref())),
         Err(_) => Err(HandlerError::retryable(
             "cancelled",
             "the handler task was cancelled",
         )),
+    };
+    drop(permit);
+    (outcome, "io".to_owned())
+}
+
+/// Aborts the spawned handler when the future waiting for it is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

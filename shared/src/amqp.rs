@@ -14,6 +14,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Connects as `name` (shown in the broker's connection list).
 ///
@@ -75,41 +76,77 @@ impl Subscription {
             .await;
     }
 
+    /// Why this subscription can no longer work (connection or either channel closed), if so.
+    pub fn lost(&self) -> Option<anyhow::Error> {
+        if !self.connection.status().connected() {
+            Some(anyhow::anyhow!("the connection is closed"))
+        } else if !self.channel.status().connected() {
+            Some(anyhow::anyhow!("the consuming channel is closed"))
+        } else if !self.publisher.channel().status().connected() {
+            Some(anyhow::anyhow!("the publishing channel is closed"))
+        } else {
+            None
+        }
+    }
+
     /// Closes channel and connection; anything still unacked goes back to its queue.
     pub async fn close(self) {
-        let _ = self.channel.close(200, "bye".into()).await;
-        let _ = self.connection.close(200, "bye".into()).await;
+        // On a dead connection these fail or hang until the heartbeat notices; don't wait long.
+        let bye = async {
+            let _ = self.channel.close(200, "bye".into()).await;
+            let _ = self.connection.close(200, "bye".into()).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), bye).await;
     }
 }
 
 /// Connects as `name`, declares the topology, sets `prefetch` and starts consuming `queue`.
 ///
-/// A failed start is tried again with backoff (about 10 s in all): RabbitMQ 3.10 closes the
-/// connection with INTERNAL_ERROR when `basic.consume` reaches a quorum queue whose Raft member
-/// has not started yet, which happens when services start together on a fresh vhost.
-/// A refusal of our credentials ([`AuthError`]) and bad settings fail at once.
+/// Used at start and after every connection loss. A failed attempt is tried again with
+/// exponential backoff (200 ms doubling to 5 s) until `amqp.reconnect_timeout_secs` of waiting
+/// have passed; that also covers RabbitMQ 3.10 closing the connection with INTERNAL_ERROR when
+/// `basic.consume` reaches a quorum queue whose Raft member has not started yet. A refusal of our
+/// credentials ([`AuthError`]) and bad settings fail at once. Returns `Ok(None)` when `shutdown`
+/// is cancelled first.
 pub async fn subscribe(
     settings: &Settings,
     name: &str,
     queue: &str,
     prefetch: u16,
-) -> anyhow::Result<Subscription> {
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Subscription>> {
     let start = || subscribe_once(settings, name, queue, prefetch);
-    start
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(3))
-                .with_max_times(6),
-        )
-        .when(|e: &anyhow::Error| {
-            !e.chain()
-                .any(|c| c.is::<AuthError>() || c.is::<crate::error::SettingsError>())
-        })
+    let attempts = start
+        .retry(backoff(settings))
+        .when(|e: &anyhow::Error| !is_fatal(e))
         .notify(|e: &anyhow::Error, wait: Duration| {
-            tracing::warn!(error = %format!("{e:#}"), ?wait, "starting to consume failed; trying again");
-        })
-        .await
+            tracing::warn!(error = %format!("{e:#}"), ?wait, queue, "cannot consume; trying again");
+        });
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => Ok(None),
+        subscribed = attempts => subscribed
+            .map(Some)
+            .with_context(|| format!("gave up reaching the broker after {:?}", settings.reconnect_timeout())),
+    }
+}
+
+/// The backoff between connection attempts: 200 ms doubling to 5 s, with jitter so a fleet of
+/// consumers does not reconnect in step, until `amqp.reconnect_timeout_secs` of waiting.
+pub fn backoff(settings: &Settings) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .with_max_times(usize::MAX)
+        .with_total_delay(Some(settings.reconnect_timeout()))
+}
+
+/// True for errors another attempt cannot fix: refused credentials and bad settings.
+pub fn is_fatal(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|c| c.is::<AuthError>() || c.is::<crate::error::SettingsError>())
 }
 
 async fn subscribe_once(
@@ -123,7 +160,7 @@ async fn subscribe_once(
         .create_channel()
         .await
         .context("opening a channel")?;
-    topology::declare(&channel, &settings.topology)
+    topology::declare(&channel, settings)
         .await
         .context("declaring topology")?;
     channel

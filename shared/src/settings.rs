@@ -51,6 +51,12 @@ pub struct AmqpSettings {
     /// Seconds to wait for the broker to accept a connection. Default 10.
     /// Env `FLEET_AMQP__CONNECT_TIMEOUT_SECS`.
     pub connect_timeout_secs: u64,
+    /// AMQP heartbeat in seconds: a silent peer is declared lost after about twice this.
+    /// Default 15. Env `FLEET_AMQP__HEARTBEAT_SECS`.
+    pub heartbeat_secs: u16,
+    /// Seconds a service keeps trying to (re)connect before it exits 1. Default 300.
+    /// Env `FLEET_AMQP__RECONNECT_TIMEOUT_SECS`.
+    pub reconnect_timeout_secs: u64,
     /// Password read from `password_file` or the systemd credential; never printed.
     #[serde(skip)]
     password: Option<String>,
@@ -77,6 +83,7 @@ pub struct TopologySettings {
     pub delivery_limit: u32,
     /// Retry delay queues, in milliseconds; retry N waits the Nth (the last repeats).
     /// Default `[1000, 5000, 30000, 120000, 600000]`. Env `FLEET_TOPOLOGY__RETRY_DELAYS_MS=1000,5000`.
+    #[serde(deserialize_with = "delays")]
     pub retry_delays_ms: Vec<u64>,
 }
 
@@ -101,8 +108,39 @@ pub struct ConsumerSettings {
     /// Seconds in-flight tasks get to finish after SIGTERM. Default 30.
     /// Env `FLEET_CONSUMER__GRACE_PERIOD_SECS`.
     pub grace_period_secs: u64,
+    /// Milliseconds a task may run before it counts as a retryable `timeout` failure.
+    /// Default 600000 (10 minutes). Env `FLEET_CONSUMER__TIME_LIMIT_MS`.
+    pub time_limit_ms: u64,
+    /// Per-kind overrides of `max_attempts`, `time_limit_ms` and the retry delays.
+    /// Env `FLEET_CONSUMER__KINDS__<KIND>__MAX_ATTEMPTS=3`.
+    pub kinds: BTreeMap<String, KindSettings>,
     /// The `exec` handler.
     pub exec: ExecSettings,
+}
+
+/// `[consumer.kinds.<kind>]`: how one kind of task is retried and limited. Unset keys fall back to
+/// `[consumer]` and `[topology]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindSettings {
+    /// Attempts in all, the first included.
+    pub max_attempts: Option<u32>,
+    /// Milliseconds one attempt may run.
+    pub time_limit_ms: Option<u64>,
+    /// Delay before retry N (the last repeats); each delay gets its own delay queue.
+    #[serde(default, deserialize_with = "some_delays")]
+    pub retry_delays_ms: Option<Vec<u64>>,
+}
+
+/// The retry policy of one kind, with the defaults applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy<'a> {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// How long one attempt may run.
+    pub time_limit: Duration,
+    /// Delay before retry N (the last repeats).
+    pub retry_delays_ms: &'a [u64],
 }
 
 /// `[consumer.exec]`: external programs a consumer may run.
@@ -179,6 +217,8 @@ const DEFAULTS: &str = r#"
 url = "amqp://guest:guest@127.0.0.1:5672/%2f"
 publish_window = 1024
 connect_timeout_secs = 10
+heartbeat_secs = 15
+reconnect_timeout_secs = 300
 
 [topology]
 queue_type = "quorum"
@@ -191,6 +231,8 @@ prefetch_per_worker = 4
 max_message_bytes = 1048576
 max_attempts = 5
 grace_period_secs = 30
+time_limit_ms = 600000
+kinds = {}
 
 [consumer.exec]
 programs = {}
@@ -258,8 +300,6 @@ impl Settings {
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("topology.retry_delays_ms")
                 .source(Some(fleet_env)),
         );
         let config = builder.build().map_err(from_config_error)?;
@@ -299,17 +339,35 @@ impl Settings {
                 "workers x prefetch_per_worker must fit in 65535",
             ));
         }
-        if self.topology.retry_delays_ms.is_empty() {
+        check_delays("topology.retry_delays_ms", &self.topology.retry_delays_ms)?;
+        if self.consumer.time_limit_ms == 0 {
             return Err(SettingsError::new(
-                "topology.retry_delays_ms",
-                "needs at least one delay",
+                "consumer.time_limit_ms",
+                "must be at least 1",
             ));
         }
-        if self.topology.retry_delays_ms.contains(&0) {
+        if self.amqp.reconnect_timeout_secs == 0 {
             return Err(SettingsError::new(
-                "topology.retry_delays_ms",
-                "delays must be at least 1 ms",
+                "amqp.reconnect_timeout_secs",
+                "must be at least 1",
             ));
+        }
+        for (kind, k) in &self.consumer.kinds {
+            if k.max_attempts == Some(0) {
+                return Err(SettingsError::new(
+                    format!("consumer.kinds.{kind}.max_attempts"),
+                    "must be at least 1",
+                ));
+            }
+            if k.time_limit_ms == Some(0) {
+                return Err(SettingsError::new(
+                    format!("consumer.kinds.{kind}.time_limit_ms"),
+                    "must be at least 1",
+                ));
+            }
+            if let Some(delays) = &k.retry_delays_ms {
+                check_delays(&format!("consumer.kinds.{kind}.retry_delays_ms"), delays)?;
+            }
         }
         self.amqp_uri()?;
         for (name, path) in &self.consumer.exec.programs {
@@ -346,6 +404,8 @@ impl Settings {
         if let Some(password) = &self.amqp.password {
             uri.authority.userinfo.password = password.clone();
         }
+        // A `?heartbeat=` in the URL wins over the setting.
+        uri.query.heartbeat.get_or_insert(self.amqp.heartbeat_secs);
         Ok(uri)
     }
 
@@ -355,10 +415,86 @@ impl Settings {
         u16::try_from(n).unwrap_or(u16::MAX)
     }
 
+    /// The retry policy of `kind`: its `[consumer.kinds.<kind>]` entry over the defaults.
+    pub fn policy(&self, kind: &str) -> Policy<'_> {
+        let own = self.consumer.kinds.get(kind);
+        Policy {
+            max_attempts: own
+                .and_then(|k| k.max_attempts)
+                .unwrap_or(self.consumer.max_attempts),
+            time_limit: Duration::from_millis(
+                own.and_then(|k| k.time_limit_ms)
+                    .unwrap_or(self.consumer.time_limit_ms),
+            ),
+            retry_delays_ms: own
+                .and_then(|k| k.retry_delays_ms.as_deref())
+                .unwrap_or(&self.topology.retry_delays_ms),
+        }
+    }
+
+    /// Every retry delay any kind uses, each once: the delay queues to declare.
+    pub fn all_retry_delays(&self) -> Vec<u64> {
+        let mut delays: Vec<u64> = self
+            .consumer
+            .kinds
+            .values()
+            .filter_map(|k| k.retry_delays_ms.as_deref())
+            .chain(std::iter::once(self.topology.retry_delays_ms.as_slice()))
+            .flatten()
+            .copied()
+            .collect();
+        delays.sort_unstable();
+        delays.dedup();
+        delays
+    }
+
+    /// How long a service keeps trying to reach the broker before it gives up.
+    pub fn reconnect_timeout(&self) -> Duration {
+        Duration::from_secs(self.amqp.reconnect_timeout_secs)
+    }
+
     /// The consumer's drain grace period.
     pub fn consumer_grace(&self) -> Duration {
         Duration::from_secs(self.consumer.grace_period_secs)
     }
+}
+
+fn check_delays(key: &str, delays: &[u64]) -> Result<(), SettingsError> {
+    if delays.is_empty() {
+        return Err(SettingsError::new(key, "needs at least one delay"));
+    }
+    if delays.contains(&0) {
+        return Err(SettingsError::new(key, "delays must be at least 1 ms"));
+    }
+    Ok(())
+}
+
+/// A list of delays as a TOML/JSON array, or as `"1000,5000"` (how the environment gives it).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DelayList {
+    List(Vec<u64>),
+    One(u64),
+    Text(String),
+}
+
+fn delays<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    match DelayList::deserialize(d)? {
+        DelayList::List(list) => Ok(list),
+        DelayList::One(n) => Ok(vec![n]),
+        DelayList::Text(text) => text
+            .split(',')
+            .map(|part| {
+                part.trim().parse::<u64>().map_err(|_| {
+                    serde::de::Error::custom(format!("`{part}` is not a number of milliseconds"))
+                })
+            })
+            .collect(),
+    }
+}
+
+fn some_delays<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u64>>, D::Error> {
+    delays(d).map(Some)
 }
 
 fn read_password(

@@ -7,7 +7,7 @@
 //! (default exchange) -> fleet.results  (single active consumer: the collector)
 //! ```
 
-use crate::settings::{QueueType, TopologySettings};
+use crate::settings::{QueueType, Settings};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
@@ -65,7 +65,9 @@ fn durable() -> QueueDeclareOptions {
 ///
 /// Fails when the broker refuses (permissions, or a queue that exists with other arguments:
 /// a `PRECONDITION_FAILED` channel error).
-pub async fn declare(channel: &Channel, settings: &TopologySettings) -> lapin::Result<()> {
+/// Declares a delay queue for every retry delay any kind uses ([`Settings::all_retry_delays`]).
+pub async fn declare(channel: &Channel, all: &Settings) -> lapin::Result<()> {
+    let settings = &all.topology;
     let exchange = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -136,7 +138,7 @@ pub async fn declare(channel: &Channel, settings: &TopologySettings) -> lapin::R
         )
         .await?;
 
-    for &delay in &settings.retry_delays_ms {
+    for delay in all.all_retry_delays() {
         let name = retry_queue(delay);
         // No x-dead-letter-routing-key: an expired retry goes back to fleet.tasks with the
         // routing key it was published with, which is the task kind.

@@ -17,6 +17,7 @@ use fleet_shared::{amqp, topology};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
+use std::future::IntoFuture as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::Store;
@@ -25,8 +26,12 @@ use tokio_util::sync::CancellationToken;
 /// Runs the collector until `shutdown` is cancelled; results already received are stored and
 /// acked before it returns.
 ///
+/// A lost connection or a cancelled consumer ends only the session: the collector connects
+/// again with backoff and subscribes again. Results stored but not yet acked when the connection
+/// went are redelivered and counted as duplicates, never stored twice.
+///
 /// Fails when the database cannot be opened or written, the HTTP address cannot be bound, the
-/// broker cannot be reached or refuses us, or the result stream ends.
+/// broker refuses us, or it stays unreachable for `amqp.reconnect_timeout_secs`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let db = &settings.collector.db;
     let writer =
@@ -36,85 +41,136 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let listener = tokio::net::TcpListener::bind(&settings.collector.listen)
         .await
         .with_context(|| format!("listening on {}", settings.collector.listen))?;
+    let http_shutdown = CancellationToken::new();
+    let server = tokio::spawn(
+        axum::serve(listener, http::router(reader))
+            .with_graceful_shutdown(http_shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
 
     let prefetch =
         u16::try_from(settings.collector.batch_size.saturating_mul(2)).unwrap_or(u16::MAX);
-    let mut subscription = amqp::subscribe(
-        &settings,
-        "fleet-collector",
-        topology::RESULTS_QUEUE,
-        prefetch,
-    )
-    .await?;
-    let dead = subscription.publisher.clone();
-
-    let http_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, http::router(reader))
-            .with_graceful_shutdown(http_shutdown.cancelled_owned())
-            .await
-    });
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        broker = %redact(&settings.amqp.url),
-        queue = topology::RESULTS_QUEUE,
-        db = %db.display(),
-        listen = %settings.collector.listen,
-        "fleet-collector started"
-    );
-
     let writer = Arc::new(Mutex::new(writer));
+    let mut sessions = 0u64;
+    let outcome = loop {
+        let subscription = amqp::subscribe(
+            &settings,
+            "fleet-collector",
+            topology::RESULTS_QUEUE,
+            prefetch,
+            &shutdown,
+        )
+        .await;
+        let mut subscription = match subscription {
+            Ok(Some(subscription)) => subscription,
+            Ok(None) => break Ok(()),
+            Err(error) => break Err(error),
+        };
+        if sessions == 0 {
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                broker = %redact(&settings.amqp.url),
+                queue = topology::RESULTS_QUEUE,
+                db = %db.display(),
+                listen = %settings.collector.listen,
+                "fleet-collector started"
+            );
+        } else {
+            tracing::info!(reconnects = sessions, "fleet-collector consuming again");
+        }
+        sessions += 1;
+        match collect(&mut subscription, &writer, &settings, &shutdown).await {
+            Ok(Ended::Shutdown) => {
+                // Whatever arrived before this point is stored and acked; the rest is returned.
+                subscription.cancel().await;
+                subscription.close().await;
+                break Ok(());
+            }
+            Ok(Ended::Lost(error)) => {
+                tracing::warn!(error = %format!("{error:#}"), "lost the broker; reconnecting");
+                subscription.close().await;
+            }
+            Err(error) => {
+                subscription.close().await;
+                break Err(error);
+            }
+        }
+    };
+    http_shutdown.cancel();
+    let _ = server.await;
+    tracing::info!("fleet-collector stopped");
+    outcome
+}
+
+/// How a session ended.
+enum Ended {
+    /// `shutdown` was cancelled; everything received is stored and acked.
+    Shutdown,
+    /// The connection, a channel or our consumer was lost.
+    Lost(anyhow::Error),
+}
+
+/// Stores results in groups of up to `batch_size`, each gathered for up to `flush_interval_ms`
+/// after its first result. Fails only when the store fails.
+async fn collect(
+    subscription: &mut amqp::Subscription,
+    writer: &Arc<Mutex<Store>>,
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Ended> {
     let flush_every = Duration::from_millis(settings.collector.flush_interval_ms);
     let max = settings.collector.batch_size;
     let mut group: Vec<Delivery> = Vec::with_capacity(max);
-    let outcome: anyhow::Result<()> = loop {
-        // Wait for the first result of a group, then gather more for up to `flush_every`.
+    loop {
         let first = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break Ok(()),
+            () = shutdown.cancelled() => return Ok(Ended::Shutdown),
             next = subscription.deliveries.next() => next,
         };
         match first {
             Some(Ok(delivery)) => group.push(delivery),
-            Some(Err(e)) => break Err(anyhow::Error::new(e).context("the result stream failed")),
-            None => {
-                break Err(anyhow::anyhow!(
-                    "the broker cancelled our consumer on {}",
-                    topology::RESULTS_QUEUE
+            Some(Err(e)) => {
+                return Ok(Ended::Lost(
+                    anyhow::Error::new(e).context("the result stream failed"),
                 ));
             }
+            None => return Ok(Ended::Lost(cancelled())),
         }
         let deadline = tokio::time::sleep(flush_every);
         tokio::pin!(deadline);
-        let mut failed = None;
+        let mut lost = None;
         while group.len() < max {
             tokio::select! {
                 () = &mut deadline => break,
                 next = subscription.deliveries.next() => match next {
                     Some(Ok(delivery)) => group.push(delivery),
-                    Some(Err(e)) => { failed = Some(anyhow::Error::new(e).context("the result stream failed")); break }
-                    None => { failed = Some(anyhow::anyhow!("the broker cancelled our consumer")); break }
+                    Some(Err(e)) => { lost = Some(anyhow::Error::new(e).context("the result stream failed")); break }
+                    None => { lost = Some(cancelled()); break }
                 },
             }
         }
-        if let Err(e) = flush(&writer, &dead, &mut group).await {
-            break Err(e);
+        match flush(writer, &subscription.publisher, &mut group).await {
+            Ok(()) => {}
+            Err(Flush::Store(error)) => return Err(error),
+            Err(Flush::Broker(error)) => return Ok(Ended::Lost(error)),
         }
-        if let Some(e) = failed {
-            break Err(e);
+        if let Some(error) = lost {
+            return Ok(Ended::Lost(error));
         }
-    };
-
-    subscription.cancel().await;
-    // Whatever arrived before the cancel is stored and acked; the rest is redelivered.
-    if outcome.is_ok() && !group.is_empty() {
-        flush(&writer, &dead, &mut group).await?;
     }
-    shutdown.cancel();
-    let _ = server.await;
-    subscription.close().await;
-    tracing::info!("fleet-collector stopped");
-    outcome
+}
+
+fn cancelled() -> anyhow::Error {
+    anyhow::anyhow!(
+        "the broker cancelled our consumer on {}",
+        topology::RESULTS_QUEUE
+    )
+}
+
+/// Why a flush failed: the store (fatal) or the broker (reconnect; the group is redelivered).
+enum Flush {
+    Store(anyhow::Error),
+    Broker(anyhow::Error),
 }
 
 /// Stores a group in one transaction, then acks all of it with one multiple-ack.
@@ -123,7 +179,7 @@ async fn flush(
     writer: &Arc<Mutex<Store>>,
     dead: &Publisher,
     group: &mut Vec<Delivery>,
-) -> anyhow::Result<()> {
+) -> Result<(), Flush> {
     if group.is_empty() {
         return Ok(());
     }
@@ -142,7 +198,8 @@ async fn flush(
                     vec![(HEADER_ERROR, header_str(&reason))],
                 ))
                 .await
-                .context("dead-lettering an undecodable result")?;
+                .context("dead-lettering an undecodable result")
+                .map_err(Flush::Broker)?;
             }
         }
     }
@@ -156,7 +213,9 @@ async fn flush(
             .context("writing results to the store")
     })
     .await
-    .context("the store thread failed")??;
+    .context("the store thread failed")
+    .and_then(|stored| stored)
+    .map_err(Flush::Store)?;
     if stored.duplicates > 0 {
         tracing::info!(duplicates = stored.duplicates, "duplicate results ignored");
     }
@@ -172,7 +231,8 @@ async fn flush(
         acker
             .ack(BasicAckOptions { multiple: true })
             .await
-            .context("acking stored results")?;
+            .context("acking stored results")
+            .map_err(Flush::Broker)?;
     }
     Ok(())
 }

@@ -28,8 +28,8 @@ use worker::Worker;
 ///
 /// A lost connection, a closed channel or the broker cancelling our consumer ends only the
 /// session: the consumer connects again with backoff, declares topology and subscribes again.
-/// Tasks that were in flight on the lost connection are redelivered by the broker (to us or
-/// another consumer), so a reconnect can give duplicates but never loses a task.
+/// Tasks that were in flight on the lost connection are dropped here and redelivered by the
+/// broker (to us or another consumer), so a reconnect can give duplicates but never loses a task.
 ///
 /// Fails when the broker refuses us, when it stays unreachable for
 /// `amqp.reconnect_timeout_secs`, or when the worker pool cannot start.
@@ -76,23 +76,19 @@ pub async fn run(
             tracing::info!(reconnects = sessions, "fleet-consumer consuming again");
         }
         sessions += 1;
-        let session = TaskTracker::new();
-        match consume(&mut subscription, &worker, &in_flight, &session, &shutdown).await {
+        let lost = CancellationToken::new();
+        match consume(&mut subscription, &worker, &in_flight, &lost, &shutdown).await {
             None => break Ok(Some(subscription)),
             Some(error) => {
                 tracing::warn!(
                     error = %format!("{error:#}"),
-                    in_flight = session.len(),
+                    in_flight = in_flight.len(),
                     "lost the broker; reconnecting (unacked tasks are redelivered)"
                 );
-                // Tasks still running may yet settle if only our consumer was cancelled; close
-                // the old connection once they are done (or the grace period is over).
-                session.close();
-                let grace = settings.consumer_grace();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(grace, session.wait()).await;
-                    subscription.close().await;
-                });
+                // Nothing started on the old connection can be settled any more: stop waiting
+                // for it (I/O handlers are dropped, compute ones finish and free their slot).
+                lost.cancel();
+                tokio::spawn(subscription.close());
             }
         }
     };
@@ -121,11 +117,12 @@ pub async fn run(
 }
 
 /// Hands deliveries to the worker until shutdown (`None`) or until the session is lost (why).
+/// Each delivery's handling stops where it is when `lost` is cancelled.
 async fn consume(
     subscription: &mut amqp::Subscription,
     worker: &Arc<Worker>,
     in_flight: &TaskTracker,
-    session: &TaskTracker,
+    lost: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> Option<anyhow::Error> {
     let mut health = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -136,7 +133,8 @@ async fn consume(
             next = subscription.deliveries.next() => match next {
                 Some(Ok(delivery)) => {
                     let handled = Arc::clone(worker).handle(delivery, subscription.publisher.clone());
-                    session.spawn(in_flight.track_future(handled));
+                    let lost = lost.clone();
+                    in_flight.spawn(async move { lost.run_until_cancelled(handled).await });
                 }
                 Some(Err(error)) => return Some(anyhow::Error::new(error).context("the delivery stream failed")),
                 None => return Some(anyhow::anyhow!("the broker cancelled our consumer on {}", topology::WORK_QUEUE)),

@@ -5,6 +5,10 @@
 //! other's queues and leave nothing behind. Services run in-process through the same `run`
 //! functions the binaries call.
 
+pub mod node;
+pub mod process;
+pub mod proxy;
+
 use anyhow::Context as _;
 use fleet_consumer::registry::Registry;
 use fleet_shared::settings::Settings;
@@ -77,24 +81,50 @@ impl Vhost {
     /// Settings pointing at this vhost, a collector database in the scratch directory, free
     /// ports for both HTTP APIs, and `extra` `FLEET_*` variables on top.
     pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
-        let mut env = vec![
-            ("FLEET_AMQP__URL".to_owned(), self.url()),
-            (
-                "FLEET_COLLECTOR__DB".to_owned(),
-                self.dir.join("results.db").display().to_string(),
-            ),
-            ("FLEET_COLLECTOR__LISTEN".to_owned(), free_address()),
-            ("FLEET_PRODUCER__LISTEN".to_owned(), free_address()),
-        ];
-        env.extend(
-            extra
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        );
-        let mut settings = Settings::load_from(None, env).expect("test settings are valid");
-        settings.producer.collector_url = format!("http://{}", settings.collector.listen);
-        settings
+        settings_of(&self.env(extra))
     }
+
+    /// The environment of [`Vhost::settings`], for services run as processes.
+    pub fn env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        fleet_env(&self.url(), &self.dir, extra)
+    }
+}
+
+/// `FLEET_*` variables for a fleet on broker `url`: a collector database in `dir`, free ports for
+/// both HTTP APIs (the producer pointed at the collector's), and `extra` on top.
+pub fn fleet_env(
+    url: &str,
+    dir: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let collector = free_address();
+    let mut env = vec![
+        ("FLEET_AMQP__URL".to_owned(), url.to_owned()),
+        (
+            "FLEET_COLLECTOR__DB".to_owned(),
+            dir.join("results.db").display().to_string(),
+        ),
+        ("FLEET_COLLECTOR__LISTEN".to_owned(), collector.clone()),
+        ("FLEET_PRODUCER__LISTEN".to_owned(), free_address()),
+        (
+            "FLEET_PRODUCER__COLLECTOR_URL".to_owned(),
+            format!("http://{collector}"),
+        ),
+    ];
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    env
+}
+
+/// Settings from exactly `env`.
+///
+/// # Panics
+/// When they are invalid: test settings must be.
+pub fn settings_of(env: &[(String, String)]) -> Settings {
+    Settings::load_from(None, env.to_vec()).expect("test settings are valid")
 }
 
 impl Default for Vhost {
@@ -209,4 +239,91 @@ where
         Ok(value) => value,
         Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
     }
+}
+
+/// Waits for the collector to report batch `batch` complete.
+///
+/// # Panics
+/// When it is not complete within `limit`.
+pub async fn complete(
+    client: &fleet_producer::client::CollectorClient,
+    batch: &str,
+    limit: Duration,
+) -> fleet_producer::collector::store::BatchStatus {
+    eventually(&format!("batch {batch} to complete"), limit, || async {
+        client
+            .batch(batch)
+            .await
+            .ok()
+            .flatten()
+            .filter(|s| s.complete)
+    })
+    .await
+}
+
+/// Takes every message now in `fleet.dead` and returns each one's `x-fleet-error` and body.
+///
+/// # Panics
+/// When the broker cannot be reached.
+pub async fn drain_dead(settings: &Settings) -> Vec<(String, Vec<u8>)> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    let connection = fleet_shared::amqp::connect(settings, "test-dead-reader")
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut dead = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            fleet_shared::topology::DEAD_QUEUE.into(),
+            BasicGetOptions::default(),
+        )
+        .await
+        .expect("basic.get")
+    {
+        let reason = message
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(fleet_shared::envelope::HEADER_ERROR).cloned())
+            .map(|v| match v {
+                lapin::types::AMQPValue::LongString(s) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default();
+        message
+            .delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        dead.push((reason, message.delivery.data.clone()));
+    }
+    let _ = connection.close(200, "done".into()).await;
+    dead
+}
+
+/// Messages ready in `queue` (a passive declare).
+///
+/// # Panics
+/// When the broker cannot be reached or the queue does not exist.
+pub async fn ready(settings: &Settings, queue: &str) -> u32 {
+    let connection = fleet_shared::amqp::connect(settings, "test-queue-reader")
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    let _ = connection.close(200, "done".into()).await;
+    declared.message_count()
 }

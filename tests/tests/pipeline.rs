@@ -2,68 +2,19 @@
 
 use fleet_consumer::registry::{HandlerError, TaskContext, Work};
 use fleet_producer::client::CollectorClient;
-use fleet_producer::collector::store::BatchStatus;
 use fleet_producer::submit;
-use fleet_shared::envelope::{self, HEADER_ERROR, Status, Task, TaskResult};
+use fleet_shared::envelope::{self, Status, Task, TaskResult};
 use fleet_shared::publisher::Outgoing;
 use fleet_shared::topology;
-use fleet_tests::{Service, Vhost, eventually};
-use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::AMQPValue;
+use fleet_tests::{Service, Vhost, complete, drain_dead, eventually};
 use serde_json::{Value, json};
 use std::time::Duration;
-
-async fn complete(client: &CollectorClient, batch: &str, limit: Duration) -> BatchStatus {
-    eventually(&format!("batch {batch} to complete"), limit, || async {
-        client
-            .batch(batch)
-            .await
-            .ok()
-            .flatten()
-            .filter(|s| s.complete)
-    })
-    .await
-}
 
 async fn one_result(client: &CollectorClient, batch: &str) -> TaskResult {
     complete(client, batch, Duration::from_secs(60)).await;
     let mut results = client.results(batch).await.expect("reading results");
     assert_eq!(results.len(), 1, "one result for a one-task batch");
     results.remove(0)
-}
-
-/// Takes every message from `fleet.dead` and returns (x-fleet-error, body) pairs.
-async fn drain_dead(settings: &fleet_shared::settings::Settings) -> Vec<(String, Vec<u8>)> {
-    let connection = fleet_shared::amqp::connect(settings, "test-dead-reader")
-        .await
-        .expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
-    let mut dead = Vec::new();
-    while let Some(message) = channel
-        .basic_get(topology::DEAD_QUEUE.into(), BasicGetOptions::default())
-        .await
-        .expect("basic.get")
-    {
-        let reason = message
-            .delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get(HEADER_ERROR).cloned())
-            .map(|v| match v {
-                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-                other => format!("{other:?}"),
-            })
-            .unwrap_or_default();
-        message
-            .delivery
-            .ack(BasicAckOptions::default())
-            .await
-            .expect("ack");
-        dead.push((reason, message.delivery.data.clone()));
-    }
-    let _ = connection.close(200, "done".into()).await;
-    dead
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

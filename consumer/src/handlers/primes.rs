@@ -22,28 +22,34 @@ pub struct Output {
     pub count: u64,
 }
 
-/// Counts primes below `below` with a sieve.
-pub async fn run(payload: Payload, _ctx: TaskContext) -> Result<Output, HandlerError> {
+/// Counts primes below `below` with a sieve; stops early when the task passes its time limit.
+pub async fn run(payload: Payload, ctx: TaskContext) -> Result<Output, HandlerError> {
     if payload.below > MAX_BELOW {
         return Err(HandlerError::permanent(
             "invalid_payload",
             format!("below must be at most {MAX_BELOW}"),
         ));
     }
+    let count = count_primes(payload.below, || ctx.cancel.is_cancelled())
+        .ok_or_else(|| HandlerError::retryable("timeout", "stopped at its time limit"))?;
     Ok(Output {
         below: payload.below,
-        count: count_primes(payload.below),
+        count,
     })
 }
 
-fn count_primes(below: u64) -> u64 {
+/// Primes below `below`, or `None` if `stop` said so (it is asked every 64 Ki numbers).
+fn count_primes(below: u64, stop: impl Fn() -> bool) -> Option<u64> {
     let n = usize::try_from(below).unwrap_or(usize::MAX);
     if n < 3 {
-        return 0;
+        return Some(0);
     }
     let mut composite = vec![false; n];
     let mut count = 0;
     for i in 2..n {
+        if i % 65_536 == 0 && stop() {
+            return None;
+        }
         if !composite[i] {
             count += 1;
             let mut j = i.saturating_mul(i);
@@ -53,7 +59,7 @@ fn count_primes(below: u64) -> u64 {
             }
         }
     }
-    count
+    Some(count)
 }
 
 #[cfg(test)]
@@ -62,10 +68,12 @@ mod tests {
 
     #[test]
     fn counts_match_known_values() {
-        assert_eq!(count_primes(0), 0);
-        assert_eq!(count_primes(2), 0);
-        assert_eq!(count_primes(3), 1);
-        assert_eq!(count_primes(10), 4);
-        assert_eq!(count_primes(100_000), 9592);
+        let go = || false;
+        assert_eq!(count_primes(0, go), Some(0));
+        assert_eq!(count_primes(2, go), Some(0));
+        assert_eq!(count_primes(3, go), Some(1));
+        assert_eq!(count_primes(10, go), Some(4));
+        assert_eq!(count_primes(100_000, go), Some(9592));
+        assert_eq!(count_primes(100_000, || true), None);
     }
 }

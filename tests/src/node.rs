@@ -1,0 +1,156 @@
+//! A RabbitMQ node of the test's own, for tests that stop, restart or break a broker: its own
+//! node name, ports and data directory, started with the installed `rabbitmq-server`. The shared
+//! broker is never touched.
+
+use anyhow::Context as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A private broker node, stopped and deleted on drop.
+pub struct Node {
+    /// Erlang node name, e.g. `fleet-1a2b3c4d@localhost`.
+    pub name: String,
+    /// Its AMQP port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    dist_port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn chown_rabbitmq(path: &std::path::Path) -> anyhow::Result<()> {
+    let status = Command::new("chown")
+        .args(["-R", "rabbitmq:rabbitmq"])
+        .arg(path)
+        .status()
+        .context("running chown")?;
+    anyhow::ensure!(status.success(), "chown rabbitmq {} failed", path.display());
+    Ok(())
+}
+
+impl Node {
+    /// Creates the node's directory and starts it; returns when its AMQP port answers.
+    ///
+    /// # Panics
+    /// When the node does not answer within 60 seconds (its log directory is kept then).
+    pub fn start() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("fleet-{}@localhost", &id[..8]);
+        let dir = std::env::temp_dir().join(format!("fleet-node-{}", &id[..8]));
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("creating the node directory");
+        }
+        let port = free_port();
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users = none\n"),
+        )
+        .expect("writing rabbitmq.conf");
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("writing enabled_plugins");
+        chown_rabbitmq(&dir).expect("giving the node directory to the rabbitmq user");
+        let mut node = Self {
+            name,
+            port,
+            dir,
+            dist_port: free_port(),
+            child: None,
+        };
+        node.boot();
+        node
+    }
+
+    fn boot(&mut self) {
+        let child = Command::new("rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env("RABBITMQ_PID_FILE", self.dir.join("node.pid"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                self.dir.join("enabled_plugins"),
+            )
+            .env(
+                "RABBITMQ_FEATURE_FLAGS_FILE",
+                self.dir.join("feature_flags"),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting rabbitmq-server");
+        self.child = Some(child);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "node {} did not answer on port {} within 60 s; see {}",
+                self.name,
+                self.port,
+                self.dir.join("log").display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The AMQP URL of the node's default vhost, as guest.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `host:port` of its AMQP listener.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Runs `rabbitmqctl -n <node> args...`.
+    ///
+    /// Fails when rabbitmqctl does.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new("rabbitmqctl")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .context("running rabbitmqctl")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "rabbitmqctl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Stops the node (its data stays), as a broker restart or crash would.
+    pub fn stop(&mut self) {
+        let _ = self.ctl(&["stop"]);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts the node again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.boot();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("node {} logs kept in {}", self.name, self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The shipped binaries as child processes: started with an explicit environment, stopped with
+//! SIGTERM or SIGKILL, their exit codes read. Nothing here puts a secret on a command line.
+
+use anyhow::Context as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A workspace binary next to the running executable (built by `cargo build --workspace`).
+///
+/// # Panics
+/// When it has not been built: the message says how to build it.
+pub fn binary(name: &str) -> PathBuf {
+    let mut dir = std::env::current_exe().expect("the running executable's path");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A running binary, killed with SIGKILL if still running when dropped.
+pub struct Process {
+    /// The binary's name, for messages.
+    pub name: String,
+    child: Child,
+}
+
+impl Process {
+    /// Starts `name` with `args` and exactly `env` (plus `PATH`, and `RUST_LOG` if set); its
+    /// stderr goes to the test's, its stdout nowhere.
+    ///
+    /// # Panics
+    /// When the binary is missing or cannot start.
+    pub fn spawn(name: &str, args: &[&str], env: &[(String, String)]) -> Self {
+        let mut command = Command::new(binary(name));
+        command
+            .args(args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        for inherited in ["PATH", "RUST_LOG"] {
+            if let Some(value) = std::env::var_os(inherited) {
+                command.env(inherited, value);
+            }
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {name}"))
+            .expect("the binary starts");
+        Self {
+            name: name.to_owned(),
+            child,
+        }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`, `INT`).
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status();
+    }
+
+    /// SIGKILL and reap: the process gets no chance to clean up.
+    pub fn kill9(mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+
+    /// True while it has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `limit` for it to exit by itself.
+    ///
+    /// # Panics
+    /// When it is still running after `limit`.
+    pub fn wait(mut self, limit: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{} did not exit within {limit:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then waits up to `limit` for the drain to end; returns the exit status.
+    pub fn terminate(self, limit: Duration) -> ExitStatus {
+        self.signal("TERM");
+        self.wait(limit)
+    }
+
+    /// Resident set size in KiB, from /proc (0 if it has exited).
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

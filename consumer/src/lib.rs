@@ -48,11 +48,12 @@ pub async fn run(
     let in_flight = TaskTracker::new();
     let mut sessions = 0u64;
     let outcome = loop {
+        // Slow start: one delivery at a time until one has settled (see `widen`).
         let subscription = amqp::subscribe(
             &settings,
             "fleet-consumer",
             topology::WORK_QUEUE,
-            settings.prefetch(),
+            1,
             &shutdown,
         )
         .await;
@@ -77,7 +78,18 @@ pub async fn run(
         }
         sessions += 1;
         let lost = CancellationToken::new();
-        match consume(&mut subscription, &worker, &in_flight, &lost, &shutdown).await {
+        let widen_at = (settings.prefetch() > 1).then(|| worker.settled() + 1);
+        match consume(
+            &mut subscription,
+            &worker,
+            &in_flight,
+            &lost,
+            &shutdown,
+            widen_at,
+            settings.prefetch(),
+        )
+        .await
+        {
             None => break Ok(Some(subscription)),
             Some(error) => {
                 tracing::warn!(
@@ -116,17 +128,71 @@ pub async fn run(
     Ok(())
 }
 
+/// Ends the slow start: a second consumer with the full prefetch replaces the first, whose
+/// deliveries already received are still handled (and acked on the same channel).
+async fn widen(
+    subscription: &mut amqp::Subscription,
+    worker: &Arc<Worker>,
+    in_flight: &TaskTracker,
+    lost: &CancellationToken,
+    prefetch: u16,
+) -> anyhow::Result<()> {
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+    let channel = subscription.channel.clone();
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .context("raising the prefetch")?;
+    let wide = channel
+        .basic_consume(
+            topology::WORK_QUEUE.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .context("consuming at the full prefetch")?;
+    let mut narrow = std::mem::replace(&mut subscription.deliveries, wide);
+    channel
+        .basic_cancel(narrow.tag(), lapin::options::BasicCancelOptions::default())
+        .await
+        .context("ending the slow start")?;
+    // After the cancel the narrow stream ends; anything it still holds was delivered to us.
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(std::time::Duration::from_millis(100), narrow.next()).await
+    {
+        let handled = Arc::clone(worker).handle(delivery, subscription.publisher.clone());
+        let lost = lost.clone();
+        in_flight.spawn(async move { lost.run_until_cancelled(handled).await });
+    }
+    tracing::debug!(prefetch, "slow start over");
+    Ok(())
+}
+
 /// Hands deliveries to the worker until shutdown (`None`) or until the session is lost (why).
 /// Each delivery's handling stops where it is when `lost` is cancelled.
+///
+/// Each session starts at prefetch 1 and widens to the full prefetch once the worker has settled
+/// `widen_at` deliveries in all. A task that kills the process (a poison message) is then
+/// redelivered alone after a restart, so only its own delivery count climbs to the limit,
+/// not those of the innocent tasks that happened to be prefetched beside it.
 async fn consume(
     subscription: &mut amqp::Subscription,
     worker: &Arc<Worker>,
     in_flight: &TaskTracker,
     lost: &CancellationToken,
     shutdown: &CancellationToken,
+    mut widen_at: Option<u64>,
+    prefetch: u16,
 ) -> Option<anyhow::Error> {
-    let mut health = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut health = tokio::time::interval(std::time::Duration::from_millis(100));
     loop {
+        if widen_at.is_some_and(|n| worker.settled() >= n) {
+            widen_at = None;
+            if let Err(error) = widen(subscription, worker, in_flight, lost, prefetch).await {
+                return Some(error);
+            }
+        }
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return None,
@@ -141,6 +207,7 @@ async fn consume(
             },
             _ = health.tick() => {
                 // Results go out on a second channel; if the broker closed it, nothing can settle.
+                // (The tick also lets the slow start above notice a settled delivery.)
                 if let Some(why) = subscription.lost() {
                     return Some(why);
                 }

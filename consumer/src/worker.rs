@@ -15,6 +15,7 @@ use lapin::types::AMQPValue;
 use serde_json::Value;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +28,7 @@ pub struct Worker {
     settings: Arc<Settings>,
     identity: String,
     shutdown: CancellationToken,
+    settled: AtomicU64,
 }
 
 /// Why a delivery could not be settled; it stays unacked and the broker redelivers it.
@@ -66,6 +68,7 @@ impl Worker {
             ),
             settings,
             shutdown,
+            settled: AtomicU64::new(0),
         })
     }
 
@@ -73,7 +76,11 @@ impl Worker {
     /// the connection the delivery came on). Never panics and never returns an error: a delivery
     /// it cannot settle is nacked back to the queue (or left for the broker to redeliver).
     pub async fn handle(self: Arc<Self>, delivery: Delivery, publisher: Publisher) {
-        if let Err(error) = self.process(&delivery, &publisher).await {
+        let processed = self.process(&delivery, &publisher).await;
+        if processed.is_ok() {
+            self.settled.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(error) = processed {
             tracing::warn!(
                 message_id = ?delivery.properties.message_id(),
                 error = %anyhow::Error::from(error),
@@ -96,15 +103,18 @@ impl Worker {
                 "too large: {} bytes, the limit is {max}",
                 delivery.data.len()
             );
-            return dead_letter(publisher, delivery, &reason).await;
+            return dead_letter(publisher, delivery, &reason, attempt_of(delivery)).await;
         }
         let task = match envelope::decode_task(&delivery.data) {
             Ok(task) => task,
-            Err(error) => return dead_letter(publisher, delivery, &error.to_string()).await,
+            Err(error) => {
+                let reason = error.to_string();
+                return dead_letter(publisher, delivery, &reason, attempt_of(delivery)).await;
+            }
         };
         let Some(handler) = self.registry.get(&task.kind) else {
             let reason = format!("unknown kind `{}`", task.kind);
-            return dead_letter(publisher, delivery, &reason).await;
+            return dead_letter(publisher, delivery, &reason, attempt_of(delivery)).await;
         };
         let policy = self.settings.policy(&task.kind);
         let attempt = attempt_of(delivery);
@@ -234,9 +244,14 @@ impl Worker {
                 publisher
                     .publish(Outgoing::result(&result(Status::Failed, None, error)))
                     .await?;
-                dead_letter(publisher, delivery, &reason).await
+                dead_letter(publisher, delivery, &reason, attempt + 1).await
             }
         }
+    }
+
+    /// Deliveries settled (acked or returned) so far.
+    pub fn settled(&self) -> u64 {
+        self.settled.load(Ordering::Relaxed)
     }
 
     /// Runs a compute handler on the pool; a panic becomes a permanent failure. The slot
@@ -271,11 +286,13 @@ impl Worker {
     }
 }
 
-/// Publishes a copy of the delivery to `fleet.dead` with the reason, then acks the original.
+/// Publishes a copy of the delivery to `fleet.dead` with the reason, the attempts made in all and
+/// the time, then acks the original.
 async fn dead_letter(
     publisher: &Publisher,
     delivery: &Delivery,
     reason: &str,
+    attempts: u32,
 ) -> Result<(), SettleError> {
     tracing::warn!(message_id = ?delivery.properties.message_id(), %reason, "dead-lettering");
     let copy = Outgoing::forward(
@@ -291,7 +308,11 @@ async fn dead_letter(
             ),
             (
                 envelope::HEADER_ATTEMPT,
-                AMQPValue::LongLongInt(attempt_of(delivery).into()),
+                AMQPValue::LongLongInt(attempts.into()),
+            ),
+            (
+                envelope::HEADER_DEAD_AT,
+                AMQPValue::Timestamp(u64::try_from(Utc::now().timestamp()).unwrap_or_default()),
             ),
         ],
     );

@@ -27,10 +27,25 @@ impl CollectorClient {
     ///
     /// Fails when the collector cannot be reached or answers with an error.
     pub async fn batch(&self, batch: &str) -> anyhow::Result<Option<BatchStatus>> {
-        let url = format!("{}/v1/batches/{batch}", self.base);
+        self.optional(&format!("{}/v1/batches/{batch}", self.base))
+            .await
+    }
+
+    /// The stored result of one task; `None` while there is none.
+    ///
+    /// Fails when the collector cannot be reached or answers with an error.
+    pub async fn task(&self, id: &str) -> anyhow::Result<Option<TaskResult>> {
+        self.optional(&format!("{}/v1/tasks/{id}", self.base)).await
+    }
+
+    /// GET `url` as JSON; a 404 is `None`.
+    async fn optional<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+    ) -> anyhow::Result<Option<T>> {
         let response = self
             .http
-            .get(&url)
+            .get(url)
             .send()
             .await
             .with_context(|| format!("asking the collector at {url}"))?;

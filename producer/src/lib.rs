@@ -3,6 +3,7 @@
 //! - [`submit`]: publish one batch of tasks (the `submit` CLI and the seed's `demo`).
 //! - [`api`]: the producer's HTTP API (`serve`), publishing through a deadpool-lapin pool.
 //! - [`client`]: a client of the collector's read API (`submit --wait`, `demo`).
+//! - [`dlq`]: list, replay and purge dead letters (`dlq`).
 //! - [`demo`]: the seed's task_master.py: ten random `square` tasks, results printed as they come.
 //! - [`problem`]: the JSON error answer of both HTTP APIs.
 //! - [`collector`]: the `fleet-collector` service: results into SQLite, and its read API.
@@ -11,5 +12,6 @@ pub mod api;
 pub mod client;
 pub mod collector;
 pub mod demo;
+pub mod dlq;
 pub mod problem;
 pub mod submit;

@@ -43,40 +43,109 @@ pub fn read_payloads(path: &Path) -> anyhow::Result<Vec<Value>> {
     Ok(payloads)
 }
 
-/// Publishes `payloads` as one batch of `kind` and returns when every message is confirmed.
+/// A batch ready to publish: the manifest first, then one message per task.
+pub struct Batch {
+    /// Batch and task ids.
+    pub receipt: Receipt,
+    /// The manifest, then the tasks.
+    pub messages: Vec<Outgoing>,
+}
+
+/// Builds a batch of `kind` with a fresh batch id and one task (with a fresh id) per payload.
 ///
-/// The manifest goes first so the collector knows the total before results arrive. Fails on the
-/// first publish that is nacked, returned or lost with the channel.
+/// The manifest goes first so the collector usually knows the total before results arrive (it
+/// copes with either order).
+pub fn batch(kind: &str, payloads: Vec<Value>) -> Batch {
+    let batch = uuid::Uuid::now_v7().to_string();
+    let total = u64::try_from(payloads.len()).unwrap_or(u64::MAX);
+    let mut messages = Vec::with_capacity(payloads.len() + 1);
+    messages.push(Outgoing::manifest(&BatchManifest::new(
+        batch.clone(),
+        total,
+        kind.to_owned(),
+    )));
+    let mut task_ids = Vec::with_capacity(payloads.len());
+    for payload in payloads {
+        let task = Task::new(
+            uuid::Uuid::now_v7().to_string(),
+            kind.to_owned(),
+            Some(batch.clone()),
+            payload,
+        );
+        messages.push(Outgoing::task(&task));
+        task_ids.push(task.id);
+    }
+    Batch {
+        receipt: Receipt { batch, task_ids },
+        messages,
+    }
+}
+
+/// Publishes `payloads` as one batch of `kind` on one channel and returns when every message is
+/// confirmed. Fails on the first publish that is nacked, returned or lost with the channel;
+/// some of the batch may then be published (the HTTP API answers 503 and the caller retries).
 pub async fn publish_batch(
     publisher: &Publisher,
     kind: &str,
     payloads: Vec<Value>,
 ) -> Result<Receipt, PublishError> {
-    let batch = uuid::Uuid::now_v7().to_string();
-    let total = u64::try_from(payloads.len()).unwrap_or(u64::MAX);
+    let Batch { receipt, messages } = batch(kind, payloads);
     publisher
-        .publish(Outgoing::manifest(&BatchManifest::new(
-            batch.clone(),
-            total,
-            kind.to_owned(),
-        )))
-        .await?;
-    let tasks: Vec<Task> = payloads
-        .into_iter()
-        .map(|payload| {
-            Task::new(
-                uuid::Uuid::now_v7().to_string(),
-                kind.to_owned(),
-                Some(batch.clone()),
-                payload,
-            )
-        })
-        .collect();
-    let task_ids = tasks.iter().map(|t| t.id.clone()).collect();
-    publisher
-        .publish_all(tasks.iter().map(Outgoing::task))
-        .await?;
-    Ok(Receipt { batch, task_ids })
+        .publish_all(messages)
+        .await
+        .map_err(|unconfirmed| unconfirmed.error)?;
+    Ok(receipt)
+}
+
+/// Publishes `messages` through connection losses: connects as `name`, publishes, and when the
+/// connection or channel fails, connects again with backoff and sends every message whose
+/// confirm did not arrive again, with the same task ids. A message that was in fact enqueued
+/// before the loss is then delivered twice, and the collector counts the duplicate.
+///
+/// Fails on refused credentials, on a nack or return (another attempt would repeat it), and
+/// when the broker stays unreachable for `amqp.reconnect_timeout_secs`.
+pub async fn publish_reliably(
+    settings: &Settings,
+    name: &str,
+    mut messages: Vec<Outgoing>,
+) -> anyhow::Result<()> {
+    use backon::BackoffBuilder as _;
+    let mut waits = amqp::backoff(settings).build();
+    loop {
+        let error = match connect_publisher(settings, name).await {
+            Ok((connection, publisher)) => {
+                let outcome = publisher.publish_all(messages).await;
+                let _ = connection.close(200, "published".into()).await;
+                match outcome {
+                    Ok(_) => return Ok(()),
+                    Err(unconfirmed) if unconfirmed.is_connection_loss() => {
+                        tracing::warn!(
+                            unconfirmed = unconfirmed.messages.len(),
+                            confirmed = unconfirmed.confirmed,
+                            error = %unconfirmed.error,
+                            "lost the broker while publishing; sending the unconfirmed again"
+                        );
+                        messages = unconfirmed.messages;
+                        if unconfirmed.confirmed > 0 {
+                            waits = amqp::backoff(settings).build();
+                        }
+                        anyhow::Error::new(unconfirmed.error)
+                    }
+                    Err(unconfirmed) => return Err(unconfirmed.error.into()),
+                }
+            }
+            Err(error) if amqp::is_fatal(&error) => return Err(error),
+            Err(error) => error,
+        };
+        let Some(wait) = waits.next() else {
+            return Err(error.context(format!(
+                "gave up publishing after {:?} without the broker",
+                settings.reconnect_timeout()
+            )));
+        };
+        tracing::warn!(error = %format!("{error:#}"), ?wait, "cannot publish; trying again");
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// Connects, declares topology and opens a confirmed publisher.
@@ -124,11 +193,10 @@ pub async fn run(
     if payloads.is_empty() {
         return Err(UsageError(format!("{} holds no payloads", submission.input.display())).into());
     }
-    let (connection, publisher) = connect_publisher(&settings, "fleet-producer-submit").await?;
-    let receipt = publish_batch(&publisher, &submission.kind, payloads)
+    let Batch { receipt, messages } = batch(&submission.kind, payloads);
+    publish_reliably(&settings, "fleet-producer-submit", messages)
         .await
         .context("publishing the batch")?;
-    let _ = connection.close(200, "published".into()).await;
     println!("{}", receipt.batch);
     if !(submission.wait || submission.output.is_some()) {
         return Ok(());

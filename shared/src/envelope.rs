@@ -7,8 +7,11 @@ use serde_json::Value;
 
 /// The envelope version this build reads and writes.
 pub const VERSION: u32 = 1;
-/// Header: delivery attempts before this one (0 on first publish).
+/// Header: on a task, attempts made before this delivery (0 on first publish); on a dead
+/// letter, attempts made in all.
 pub const HEADER_ATTEMPT: &str = "x-fleet-attempt";
+/// Header on messages fleet dead-letters: when (AMQP timestamp, seconds).
+pub const HEADER_DEAD_AT: &str = "x-fleet-dead-at";
 /// Header on dead-lettered messages: why it was dead-lettered.
 pub const HEADER_ERROR: &str = "x-fleet-error";
 /// Header on dead-lettered messages: the routing key the task was published with.

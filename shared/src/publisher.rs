@@ -201,13 +201,16 @@ impl Publisher {
             .acquire()
             .await
             .expect("publish window semaphore is never closed");
-        // A quorum queue nacks while it is still electing its first leader (seen right after
-        // declaration); the message is still ours, so send it again a few times.
+        self.confirmed(&message).await
+    }
+
+    /// Sends `message` and waits for its confirm. A quorum queue nacks while it is still
+    /// electing its first leader (seen right after declaration); the message is still ours, so
+    /// a nack is sent again a few times before it is the caller's error.
+    async fn confirmed(&self, message: &Outgoing) -> Result<(), PublishError> {
         let mut delay = std::time::Duration::from_millis(50);
         for _ in 0..NACK_RETRIES {
-            let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
-            let confirm = self.send(message.clone()).await?;
-            match check(confirm.await, exchange, routing_key) {
+            match self.send(message).await?.await {
                 Err(PublishError::Nacked {
                     exchange,
                     routing_key,
@@ -219,40 +222,79 @@ impl Publisher {
                 outcome => return outcome,
             }
         }
-        let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
-        let confirm = self.send(message).await?;
-        check(confirm.await, exchange, routing_key)
+        self.send(message).await?.await
     }
 
-    /// Publishes every message, keeping up to the window's confirms outstanding, and returns when
-    /// all are confirmed. Fails on the first error; messages after it may or may not be published.
-    pub async fn publish_all(
-        &self,
-        messages: impl IntoIterator<Item = Outgoing>,
-    ) -> Result<u64, PublishError> {
+    /// Publishes every message, keeping up to the window's confirms outstanding, and returns
+    /// how many were confirmed.
+    ///
+    /// On the first failure it stops sending and gives back every message that was not
+    /// confirmed (failed, still unanswered when the channel died, or never sent) with the error,
+    /// so the caller can send exactly those again on a new connection.
+    pub async fn publish_all(&self, messages: Vec<Outgoing>) -> Result<u64, Unconfirmed> {
         let mut pending = FuturesUnordered::new();
-        let mut confirmed = 0u64;
-        for message in messages {
+        let mut confirmed = vec![false; messages.len()];
+        let mut error = None;
+        for (i, message) in messages.iter().enumerate() {
             if pending.len() >= self.window_size
-                && let Some(result) = pending.next().await
+                && let Some((j, outcome)) = pending.next().await
             {
-                result?;
-                confirmed += 1;
+                match outcome {
+                    Ok(()) => confirmed[j] = true,
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
             }
-            let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
-            let confirm = self.send(message).await?;
-            pending.push(async move { check(confirm.await, exchange, routing_key) });
+            match self.send(message).await {
+                Ok(confirm) => pending.push(async move {
+                    match confirm.await {
+                        // Nacked: send it again as `publish` would.
+                        Err(PublishError::Nacked { .. }) => (i, self.confirmed(message).await),
+                        outcome => (i, outcome),
+                    }
+                }),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
         }
-        while let Some(result) = pending.next().await {
-            result?;
-            confirmed += 1;
+        // Whatever was sent is answered (or failed with the channel) before we return.
+        while let Some((j, outcome)) = pending.next().await {
+            match outcome {
+                Ok(()) => confirmed[j] = true,
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
         }
-        Ok(confirmed)
+        drop(pending);
+        let done = confirmed.iter().filter(|c| **c).count() as u64;
+        match error {
+            None => Ok(done),
+            Some(error) => Err(Unconfirmed {
+                error,
+                confirmed: done,
+                messages: messages
+                    .into_iter()
+                    .zip(confirmed)
+                    .filter_map(|(m, c)| (!c).then_some(m))
+                    .collect(),
+            }),
+        }
     }
 
-    async fn send(&self, message: Outgoing) -> Result<lapin::PublisherConfirm, PublishError> {
-        let properties = message.properties.with_delivery_mode(2);
-        self.channel
+    /// Sends one message; the returned future resolves with its confirm.
+    async fn send(
+        &self,
+        message: &Outgoing,
+    ) -> Result<impl Future<Output = Result<(), PublishError>> + use<>, PublishError> {
+        let properties = message.properties.clone().with_delivery_mode(2);
+        let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
+        let confirm = self
+            .channel
             .basic_publish(
                 message.exchange.as_str().into(),
                 message.routing_key.as_str().into(),
@@ -265,9 +307,31 @@ impl Publisher {
             )
             .await
             .map_err(|source| PublishError::Broker {
-                exchange: message.exchange,
+                exchange: exchange.clone(),
                 source,
-            })
+            })?;
+        Ok(async move { check(confirm.await, exchange, routing_key) })
+    }
+}
+
+/// Messages whose publish was not confirmed, given back to the caller with the first error.
+#[derive(Debug, thiserror::Error)]
+#[error("{} messages were not confirmed ({confirmed} were)", messages.len())]
+pub struct Unconfirmed {
+    /// The first failure.
+    #[source]
+    pub error: PublishError,
+    /// How many were confirmed before or despite it.
+    pub confirmed: u64,
+    /// The messages not confirmed, in their original order.
+    pub messages: Vec<Outgoing>,
+}
+
+impl Unconfirmed {
+    /// True when the channel or connection failed, so a new connection may succeed; false for
+    /// a nack or a return, which another attempt would repeat.
+    pub fn is_connection_loss(&self) -> bool {
+        matches!(self.error, PublishError::Broker { .. })
     }
 }
 

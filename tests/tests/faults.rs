@@ -3,6 +3,7 @@
 //!
 //! Each test is bounded in time; anything that stops a broker uses its own node ([`Node`]).
 
+use fleet_consumer::registry::{HandlerError, TaskContext, Work};
 use fleet_producer::client::CollectorClient;
 use fleet_producer::collector::store::BatchStatus;
 use fleet_producer::submit::{self, Receipt};
@@ -12,7 +13,7 @@ use fleet_shared::topology;
 use fleet_tests::node::Node;
 use fleet_tests::process::Process;
 use fleet_tests::proxy::Proxy;
-use fleet_tests::{Service, Vhost, complete, eventually, ready, settings_of};
+use fleet_tests::{Service, Vhost, complete, drain_dead, eventually, ready, settings_of};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -35,6 +36,15 @@ async fn squares(settings: &Settings, n: i64) -> Receipt {
         (0..n).map(|n| json!({ "n": n })).collect(),
     )
     .await
+}
+
+/// Runs one quick task so a new consumer ends its slow start (prefetch 1 until one settles).
+async fn warm_up(settings: &Settings) {
+    let receipt = publish(settings, "sleep", vec![json!({ "ms": 1 })]).await;
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    complete(&client, &receipt.batch, Duration::from_secs(30)).await;
+    // The widening happens on the consumer's next 100 ms tick.
+    tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
 /// Waits until at least `done` results of `batch` are stored.
@@ -283,6 +293,7 @@ async fn sigterm_lets_running_tasks_finish_and_returns_the_rest() {
     let settings = settings_of(&env);
     let collector = Service::collector(&settings);
     let consumer = Process::spawn("fleet-consumer", &[], &env);
+    warm_up(&settings).await;
     let receipt = publish(
         &settings,
         "sleep",
@@ -349,6 +360,7 @@ async fn a_second_signal_exits_at_once_and_the_tasks_are_redelivered() {
     let settings = settings_of(&env);
     let collector = Service::collector(&settings);
     let consumer = Process::spawn("fleet-consumer", &[], &env);
+    warm_up(&settings).await;
     let receipt = publish(
         &settings,
         "sleep",
@@ -377,5 +389,229 @@ async fn a_second_signal_exits_at_once_and_the_tasks_are_redelivered() {
     let status = complete(&client, &receipt.batch, Duration::from_secs(30)).await;
     assert_eq!((status.done, status.ok), (4, 4));
     second.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submit_sends_unconfirmed_publishes_again_after_a_cut() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let proxy = Proxy::start(fleet_tests::broker_host()).await;
+    let mut through_proxy = settings.clone();
+    through_proxy.amqp.url = format!("amqp://guest:guest@{}/{}", proxy.addr, vhost.name);
+
+    let fleet_producer::submit::Batch { receipt, messages } = submit::batch(
+        "square",
+        (0..20_000i64).map(|n| json!({ "n": n })).collect(),
+    );
+    // Declare the topology first, so the queue can be watched from the start.
+    let (connection, _) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("topology");
+    let _ = connection.close(200, "done".into()).await;
+    let publishing = tokio::spawn(async move {
+        submit::publish_reliably(&through_proxy, "test-submit", messages).await
+    });
+    // Nothing consumes yet, so the work queue shows how far the publish has got.
+    eventually(
+        "part of the batch in the queue",
+        Duration::from_secs(60),
+        || async { (ready(&settings, topology::WORK_QUEUE).await >= 2_000).then_some(()) },
+    )
+    .await;
+    proxy.cut();
+    tokio::time::timeout(Duration::from_secs(120), publishing)
+        .await
+        .expect("the publish finishes")
+        .expect("the publish task did not panic")
+        .expect("every message confirmed in the end");
+    assert!(proxy.accepted() >= 2, "the producer connected again");
+    assert!(ready(&settings, topology::WORK_QUEUE).await >= 20_000);
+
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let status = complete(&client, &receipt.batch, Duration::from_secs(240)).await;
+    assert_every_square_once(&client, &receipt, &status).await;
+    eprintln!("publish cut: duplicates={}", status.duplicates);
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_over_its_time_limit_is_retried_then_failed_and_frees_its_slot() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[
+        ("FLEET_CONSUMER__WORKERS", "1"),
+        ("FLEET_CONSUMER__IO_CONCURRENCY", "1"),
+        ("FLEET_CONSUMER__KINDS__SLEEP__TIME_LIMIT_MS", "300"),
+        ("FLEET_CONSUMER__KINDS__SLEEP__MAX_ATTEMPTS", "2"),
+        ("FLEET_CONSUMER__KINDS__SLEEP__RETRY_DELAYS_MS", "100"),
+        ("FLEET_CONSUMER__KINDS__PRIMES__TIME_LIMIT_MS", "300"),
+        ("FLEET_CONSUMER__KINDS__PRIMES__MAX_ATTEMPTS", "1"),
+    ]);
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let started = Instant::now();
+
+    // An I/O task of a minute on the only I/O slot, then quick ones behind it.
+    let long = publish(&settings, "sleep", vec![json!({ "ms": 60_000 })]).await;
+    let quick = publish(
+        &settings,
+        "sleep",
+        (0..5).map(|_| json!({ "ms": 10 })).collect(),
+    )
+    .await;
+    let status = complete(&client, &quick.batch, Duration::from_secs(20)).await;
+    assert_eq!((status.ok, status.failed), (5, 0));
+    complete(&client, &long.batch, Duration::from_secs(20)).await;
+    let result = client
+        .results(&long.batch)
+        .await
+        .expect("results")
+        .remove(0);
+    assert_eq!(result.status, Status::Failed);
+    assert_eq!(
+        result.attempts, 2,
+        "retried once, per the kind's max_attempts"
+    );
+    let error = result.error.expect("a failed result says why");
+    assert_eq!(error.kind, "timeout");
+    assert!(error.message.contains("300 ms"), "{}", error.message);
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    // A compute task over its limit stops and gives its slot back to the next one.
+    let big = publish(&settings, "primes", vec![json!({ "below": 50_000_000 })]).await;
+    let small = publish(&settings, "square", vec![json!({ "n": 12 })]).await;
+    let status = complete(&client, &small.batch, Duration::from_secs(20)).await;
+    assert_eq!(status.ok, 1);
+    complete(&client, &big.batch, Duration::from_secs(20)).await;
+    let result = client.results(&big.batch).await.expect("results").remove(0);
+    assert_eq!((result.status, result.attempts), (Status::Failed, 1));
+    assert_eq!(result.error.expect("why").kind, "timeout");
+
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+async fn panics(payload: Value, _: TaskContext) -> Result<Value, HandlerError> {
+    panic!("asked to panic with {payload}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_panicking_handler_fails_its_task_and_the_worker_goes_on() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[("FLEET_CONSUMER__WORKERS", "1")]);
+    let mut registry = fleet_consumer::handlers::registry(&settings).expect("built-ins");
+    registry
+        .register("panic-compute", Work::Compute, panics)
+        .and_then(|r| r.register("panic-io", Work::Io, panics))
+        .map(drop)
+        .expect("distinct kinds");
+    let collector = Service::collector(&settings);
+    let consumer = Service::consumer(&settings, registry);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+
+    for kind in ["panic-compute", "panic-io"] {
+        let receipt = publish(&settings, kind, vec![json!({ "boom": 1 })]).await;
+        complete(&client, &receipt.batch, Duration::from_secs(30)).await;
+        let result = client
+            .results(&receipt.batch)
+            .await
+            .expect("results")
+            .remove(0);
+        assert_eq!(
+            (result.status, result.attempts),
+            (Status::Failed, 1),
+            "{kind}"
+        );
+        let error = result.error.expect("why");
+        assert_eq!(error.kind, "panic");
+        assert!(
+            error.message.contains("asked to panic with {\"boom\":1}"),
+            "{}",
+            error.message
+        );
+    }
+    let dead = eventually("two dead letters", Duration::from_secs(10), || async {
+        let dead = drain_dead(&settings).await;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    let mut reasons: Vec<String> = dead.into_iter().map(|(reason, _)| reason).collect();
+    reasons.extend(drain_dead(&settings).await.into_iter().map(|(r, _)| r));
+    assert_eq!(reasons.len(), 2);
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.starts_with("panic: handler panicked")),
+        "{reasons:?}"
+    );
+
+    // The same worker slot goes on working.
+    let receipt = squares(&settings, 100).await;
+    let status = complete(&client, &receipt.batch, Duration::from_secs(30)).await;
+    assert_every_square_once(&client, &receipt, &status).await;
+    assert!(consumer.is_running());
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_that_kills_its_process_ends_in_fleet_dead_and_the_rest_is_done() {
+    let vhost = Vhost::new();
+    let env = vhost.env(&[
+        ("FLEET_CONSUMER__WORKERS", "1"),
+        ("FLEET_TOPOLOGY__DELIVERY_LIMIT", "3"),
+    ]);
+    let settings = settings_of(&env);
+    let collector = Service::collector(&settings);
+    let poison = publish(&settings, "abort", vec![json!({ "why": "poison" })]).await;
+    let receipt = squares(&settings, 300).await;
+    let client = CollectorClient::new(&settings.producer.collector_url);
+
+    // A supervisor, as systemd or compose would be: start the consumer again whenever it dies.
+    let mut consumer = Process::spawn("fleet-test-consumer", &[], &env);
+    let mut restarts = 0;
+    let started = Instant::now();
+    let status = loop {
+        if !consumer.is_running() {
+            restarts += 1;
+            consumer = Process::spawn("fleet-test-consumer", &[], &env);
+        }
+        if let Some(status) = client.batch(&receipt.batch).await.ok().flatten()
+            && status.complete
+            && ready(&settings, topology::DEAD_QUEUE).await == 1
+        {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let status = client.batch(&receipt.batch).await;
+            let dead = ready(&settings, topology::DEAD_QUEUE).await;
+            panic!("stuck after {restarts} restarts: {status:?}, {dead} dead");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_every_square_once(&client, &receipt, &status).await;
+    assert!(
+        (3..=4).contains(&restarts),
+        "one crash per delivery up to the limit: {restarts}"
+    );
+
+    let dead = fleet_producer::dlq::list(&settings)
+        .await
+        .expect("listing fleet.dead");
+    assert_eq!(dead.len(), 1, "only the poison task is dead: {dead:?}");
+    assert_eq!(dead[0].id.as_deref(), Some(poison.task_ids[0].as_str()));
+    assert_eq!(dead[0].kind, "abort");
+    assert!(
+        dead[0]
+            .reason
+            .starts_with("delivery_limit (broker, queue fleet.tasks.default)"),
+        "the broker says why: {}",
+        dead[0].reason
+    );
+    assert!(consumer.terminate(Duration::from_secs(30)).success());
     collector.stop().await.expect("collector drains cleanly");
 }

@@ -38,7 +38,7 @@ pub async fn run(payload: Payload, ctx: TaskContext) -> Result<Output, HandlerEr
     })
 }
 
-/// Primes below `below`, or `None` if `stop` said so (it is asked every 64 Ki numbers).
+/// Primes below `below`, or `None` if `stop` said so (it is asked at every prime found).
 fn count_primes(below: u64, stop: impl Fn() -> bool) -> Option<u64> {
     let n = usize::try_from(below).unwrap_or(usize::MAX);
     if n < 3 {
@@ -47,10 +47,10 @@ fn count_primes(below: u64, stop: impl Fn() -> bool) -> Option<u64> {
     let mut composite = vec![false; n];
     let mut count = 0;
     for i in 2..n {
-        if i % 65_536 == 0 && stop() {
-            return None;
-        }
         if !composite[i] {
+            if stop() {
+                return None;
+            }
             count += 1;
             let mut j = i.saturating_mul(i);
             while j < n {

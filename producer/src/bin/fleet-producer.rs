@@ -1,8 +1,10 @@
-//! `fleet-producer`: submit tasks (`submit`), serve the HTTP API (`serve`), or run the seed's
-//! master demo (`demo`). Settings from `--config PATH` / `FLEET_CONFIG` and `FLEET_*` variables.
+//! `fleet-producer`: submit tasks (`submit`), serve the HTTP API (`serve`), run the seed's
+//! master demo (`demo`), or list, replay and purge dead letters (`dlq`). Settings from `--config PATH` / `FLEET_CONFIG` and `FLEET_*` variables.
 
 use clap::{Parser, Subcommand};
+use fleet_producer::dlq;
 use fleet_producer::submit::Submission;
+use fleet_shared::settings::Settings;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,6 +42,67 @@ enum Command {
     Serve,
     /// The seed's task_master.py: ten random `square` tasks, results printed as they arrive.
     Demo,
+    /// Dead letters in fleet.dead: list, replay or purge them.
+    Dlq {
+        #[command(subcommand)]
+        command: Dlq,
+    },
+}
+
+#[derive(Subcommand)]
+enum Dlq {
+    /// Show every dead message (id, kind, attempts, when, reason) without removing any.
+    List {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish dead tasks back to fleet.tasks with attempts reset, then remove them.
+    Replay {
+        /// The task id to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Replay every dead message.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove dead messages for good.
+    Purge {
+        /// The task id to remove.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Remove every dead message.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn select(id: Option<String>) -> dlq::Select {
+    id.map_or(dlq::Select::All, dlq::Select::Id)
+}
+
+async fn run_dlq(settings: Settings, command: Dlq) -> anyhow::Result<()> {
+    match command {
+        Dlq::List { json } => {
+            let letters = dlq::list(&settings).await?;
+            if json {
+                for letter in &letters {
+                    println!("{}", serde_json::to_string(letter)?);
+                }
+            } else {
+                print!("{}", dlq::table(&letters));
+            }
+        }
+        Dlq::Replay { id, .. } => {
+            let n = dlq::replay(&settings, &select(id)).await?;
+            println!("replayed {n}");
+        }
+        Dlq::Purge { id, .. } => {
+            let n = dlq::purge(&settings, &select(id)).await?;
+            println!("purged {n}");
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -69,5 +132,6 @@ fn main() -> ExitCode {
         }
         Command::Serve => fleet_shared::cli::run(settings, fleet_producer::api::serve),
         Command::Demo => fleet_shared::cli::run(settings, fleet_producer::demo::run),
+        Command::Dlq { command } => fleet_shared::cli::run(settings, |s, _| run_dlq(s, command)),
     }
 }

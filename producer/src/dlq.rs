@@ -1,0 +1,295 @@
+//! Dead-letter tools: `fleet-producer dlq list | replay | purge`.
+//!
+//! Messages reach `fleet.dead` two ways: the consumer dead-letters a task it cannot or will not
+//! run again (with `x-fleet-error`, `x-fleet-attempt`, `x-fleet-dead-at`), and the broker
+//! dead-letters a task that reached the work queue's delivery limit (with `x-death`, reason
+//! `delivery_limit`). Both are read the same way here.
+//!
+//! Reading never loses a message: every message is taken unacked, and only a message that was
+//! replayed (its copy confirmed by the broker) or purged is acked; the rest go back to the queue
+//! when the channel closes.
+
+use crate::submit::connect_publisher;
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use fleet_shared::envelope::{self, HEADER_ATTEMPT, HEADER_DEAD_AT, HEADER_ERROR};
+use fleet_shared::publisher::{Outgoing, Publisher, task_headers};
+use fleet_shared::settings::Settings;
+use fleet_shared::topology;
+use lapin::message::BasicGetMessage;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde::Serialize;
+
+/// One dead message, as `dlq list` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The task id (AMQP `message_id`, or the body's `id`), if there is one.
+    pub id: Option<String>,
+    /// The task kind (AMQP `type`, or the routing key).
+    pub kind: String,
+    /// Why it is dead.
+    pub reason: String,
+    /// Attempts made, as far as fleet knows.
+    pub attempts: u32,
+    /// When it was dead-lettered, if recorded.
+    pub when: Option<DateTime<Utc>>,
+}
+
+fn text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn integer(value: &AMQPValue) -> Option<i64> {
+    match *value {
+        AMQPValue::LongLongInt(n) => Some(n),
+        AMQPValue::LongInt(n) => Some(n.into()),
+        AMQPValue::LongUInt(n) => Some(n.into()),
+        AMQPValue::ShortInt(n) => Some(n.into()),
+        AMQPValue::ShortUInt(n) => Some(n.into()),
+        AMQPValue::Timestamp(n) => i64::try_from(n).ok(),
+        _ => None,
+    }
+}
+
+/// The first `x-death` entry the broker added, if any.
+fn first_death(headers: &FieldTable) -> Option<&FieldTable> {
+    match headers.inner().get("x-death")? {
+        AMQPValue::FieldArray(deaths) => deaths.as_slice().iter().find_map(|d| match d {
+            AMQPValue::FieldTable(t) => Some(t),
+            _ => None,
+        }),
+        _ => None,
+    }
+}
+
+/// Reads what fleet and the broker recorded on a dead message.
+pub fn describe(message: &BasicGetMessage) -> DeadLetter {
+    let delivery = &message.delivery;
+    let properties = &delivery.properties;
+    let headers = properties.headers().clone().unwrap_or_default();
+    let get = |key: &str| headers.inner().get(key);
+    let death = first_death(&headers);
+    let reason = get(HEADER_ERROR)
+        .and_then(text)
+        .or_else(|| {
+            let death = death?;
+            let reason = death.inner().get("reason").and_then(text)?;
+            let queue = death
+                .inner()
+                .get("queue")
+                .and_then(text)
+                .unwrap_or_default();
+            Some(format!("{reason} (broker, queue {queue})"))
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    let when = get(HEADER_DEAD_AT)
+        .or_else(|| death.and_then(|d| d.inner().get("time")))
+        .and_then(integer)
+        .and_then(|secs| DateTime::from_timestamp(secs, 0));
+    let id = properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned())
+        .or_else(|| envelope::decode_task(&delivery.data).ok().map(|t| t.id));
+    let kind = properties.kind().as_ref().map_or_else(
+        || delivery.routing_key.as_str().to_owned(),
+        |k| k.as_str().to_owned(),
+    );
+    DeadLetter {
+        id,
+        kind,
+        reason,
+        attempts: get(HEADER_ATTEMPT)
+            .and_then(integer)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0),
+        when,
+    }
+}
+
+/// Which dead messages a command acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Select {
+    /// Every message in the queue now.
+    All,
+    /// Those whose task id is this.
+    Id(String),
+}
+
+impl Select {
+    fn matches(&self, letter: &DeadLetter) -> bool {
+        match self {
+            Self::All => true,
+            Self::Id(id) => letter.id.as_deref() == Some(id.as_str()),
+        }
+    }
+}
+
+/// Takes each message in `fleet.dead` (as many as it holds now) unacked and hands it to
+/// `act`; returns when all were seen. Messages `act` does not ack go back when the channel
+/// closes.
+async fn each<F, Fut>(settings: &Settings, mut act: F) -> anyhow::Result<()>
+where
+    F: FnMut(BasicGetMessage, Publisher) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let (connection, publisher) = connect_publisher(settings, "fleet-producer-dlq").await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    let queue = channel
+        .queue_declare(
+            topology::DEAD_QUEUE.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .context("looking up fleet.dead")?;
+    let mut outcome = Ok(());
+    for _ in 0..queue.message_count() {
+        let got = channel
+            .basic_get(topology::DEAD_QUEUE.into(), BasicGetOptions::default())
+            .await
+            .context("reading fleet.dead")?;
+        let Some(message) = got else { break };
+        if let Err(error) = act(message, publisher.clone()).await {
+            outcome = Err(error);
+            break;
+        }
+    }
+    // Unacked messages return to fleet.dead here.
+    let _ = channel.close(200, "done".into()).await;
+    let _ = connection.close(200, "done".into()).await;
+    outcome
+}
+
+/// Every message in `fleet.dead`, oldest first; none is removed.
+///
+/// Fails when the broker cannot be reached or refuses us.
+pub async fn list(settings: &Settings) -> anyhow::Result<Vec<DeadLetter>> {
+    let mut letters = Vec::new();
+    each(settings, |message, _| {
+        letters.push(describe(&message));
+        async { Ok(()) }
+    })
+    .await?;
+    Ok(letters)
+}
+
+/// Publishes the selected dead tasks back to `fleet.tasks` with their routing key, attempts
+/// reset to 0 and the dead-letter headers removed; each dead copy is acked only after the broker
+/// confirmed its replay, so a failure midway loses nothing (it may replay a task twice).
+/// Dead results (undecodable ones the collector set aside) go back to `fleet.results`.
+///
+/// Returns how many were replayed. Fails when the broker cannot be reached or a replay is not
+/// confirmed.
+pub async fn replay(settings: &Settings, select: &Select) -> anyhow::Result<u64> {
+    let mut replayed = 0;
+    each(settings, |message, publisher| {
+        let chosen = select.matches(&describe(&message));
+        if chosen {
+            replayed += 1;
+        }
+        async move {
+            if !chosen {
+                return Ok(());
+            }
+            let delivery = &message.delivery;
+            let routing_key = delivery.routing_key.as_str();
+            let exchange = if routing_key == topology::RESULTS_QUEUE {
+                ""
+            } else {
+                topology::TASKS_EXCHANGE
+            };
+            let mut headers = task_headers(0);
+            if let Some(old) = delivery.properties.headers() {
+                for (key, value) in old.inner() {
+                    let key = key.as_str();
+                    let dropped = key.starts_with("x-death")
+                        || key.starts_with("x-first-death")
+                        || key.starts_with("x-last-death")
+                        || key == "x-delivery-count"
+                        || key == HEADER_ERROR
+                        || key == HEADER_DEAD_AT
+                        || key == HEADER_ATTEMPT
+                        || key == envelope::HEADER_ROUTING_KEY;
+                    if !dropped {
+                        headers.insert(key.into(), value.clone());
+                    }
+                }
+            }
+            publisher
+                .publish(Outgoing {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                    body: delivery.data.clone(),
+                    properties: delivery.properties.clone().with_headers(headers),
+                })
+                .await
+                .context("replaying a dead message")?;
+            delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .context("removing the replayed dead copy")?;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(replayed)
+}
+
+/// Removes the selected dead messages for good; returns how many.
+///
+/// Fails when the broker cannot be reached.
+pub async fn purge(settings: &Settings, select: &Select) -> anyhow::Result<u64> {
+    let mut purged = 0;
+    each(settings, |message, _| {
+        let chosen = select.matches(&describe(&message));
+        if chosen {
+            purged += 1;
+        }
+        async move {
+            if chosen {
+                message
+                    .delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .context("removing a dead message")?;
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(purged)
+}
+
+/// `dlq list` as text: one line per message, columns aligned.
+pub fn table(letters: &[DeadLetter]) -> String {
+    let mut out = format!(
+        "{:<36}  {:<12}  {:>8}  {:<20}  {}\n",
+        "ID", "KIND", "ATTEMPTS", "WHEN", "REASON"
+    );
+    for l in letters {
+        out.push_str(&format!(
+            "{:<36}  {:<12}  {:>8}  {:<20}  {}\n",
+            l.id.as_deref().unwrap_or("-"),
+            l.kind,
+            l.attempts,
+            l.when.map_or_else(
+                || "-".to_owned(),
+                |w| w.format("%Y-%m-%d %H:%M:%S").to_string()
+            ),
+            l.reason
+        ));
+    }
+    out
+}

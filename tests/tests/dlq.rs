@@ -1,0 +1,163 @@
+//! `fleet-producer dlq list | replay | purge` against the real broker, through the binary.
+
+use fleet_consumer::registry::{HandlerError, TaskContext, Work};
+use fleet_producer::client::CollectorClient;
+use fleet_producer::dlq::DeadLetter;
+use fleet_producer::submit;
+use fleet_shared::envelope::{Status, Task};
+use fleet_shared::publisher::Outgoing;
+use fleet_shared::topology;
+use fleet_tests::process::binary;
+use fleet_tests::{Service, Vhost, eventually, ready, settings_of};
+use serde_json::{Value, json};
+use std::process::Command;
+use std::time::Duration;
+
+/// Runs `fleet-producer dlq ARGS` with `env`; returns stdout, asserting exit 0.
+fn dlq(env: &[(String, String)], args: &[&str]) -> String {
+    let output = Command::new(binary("fleet-producer"))
+        .arg("dlq")
+        .args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running fleet-producer dlq");
+    assert!(
+        output.status.success(),
+        "dlq {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+fn listed(env: &[(String, String)]) -> Vec<DeadLetter> {
+    dlq(env, &["list", "--json"])
+        .lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).expect("one JSON object per line");
+            DeadLetter {
+                id: v["id"].as_str().map(str::to_owned),
+                kind: v["kind"].as_str().expect("kind").to_owned(),
+                reason: v["reason"].as_str().expect("reason").to_owned(),
+                attempts: u32::try_from(v["attempts"].as_u64().expect("attempts")).expect("u32"),
+                when: v["when"].as_str().map(|w| w.parse().expect("RFC 3339")),
+            }
+        })
+        .collect()
+}
+
+async fn later(payload: Value, _: TaskContext) -> Result<Value, HandlerError> {
+    Ok(json!({ "got": payload }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_are_listed_replayed_once_and_purged() {
+    let vhost = Vhost::new();
+    let env = vhost.env(&[]);
+    let settings = settings_of(&env);
+    let collector = Service::collector(&settings);
+    // This consumer does not know `later`, so those tasks are dead-lettered.
+    let consumer = Service::builtin_consumer(&settings);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    let tasks: Vec<Task> = (0..3)
+        .map(|i| {
+            Task::new(
+                format!("later-{i}"),
+                "later".into(),
+                None,
+                json!({ "i": i }),
+            )
+        })
+        .collect();
+    let mut messages: Vec<Outgoing> = tasks.iter().map(Outgoing::task).collect();
+    for i in 0..2 {
+        messages.push(Outgoing {
+            exchange: topology::TASKS_EXCHANGE.to_owned(),
+            routing_key: "square".to_owned(),
+            body: format!("not json {i}").into_bytes(),
+            properties: lapin::BasicProperties::default(),
+        });
+    }
+    publisher.publish_all(messages).await.expect("published");
+    let _ = connection.close(200, "done".into()).await;
+    eventually("five dead letters", Duration::from_secs(30), || async {
+        (ready(&settings, topology::DEAD_QUEUE).await == 5).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("consumer drains cleanly");
+
+    // list shows all five and removes none.
+    let letters = listed(&env);
+    assert_eq!(letters.len(), 5);
+    assert_eq!(listed(&env), letters, "listing twice shows the same");
+    assert_eq!(ready(&settings, topology::DEAD_QUEUE).await, 5);
+    let unknown: Vec<&DeadLetter> = letters.iter().filter(|l| l.kind == "later").collect();
+    assert_eq!(unknown.len(), 3);
+    for letter in &unknown {
+        assert_eq!(letter.reason, "unknown kind `later`");
+        assert_eq!(letter.attempts, 0);
+        assert!(letter.when.is_some());
+    }
+    let undecodable = letters
+        .iter()
+        .filter(|l| l.reason.contains("undecodable"))
+        .count();
+    assert_eq!(undecodable, 2);
+    let table = dlq(&env, &["list"]);
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(
+        table.contains("later-0") && table.contains("unknown kind `later`"),
+        "{table}"
+    );
+
+    // A consumer that knows `later` now; replay one by id.
+    let mut registry = fleet_consumer::handlers::registry(&settings).expect("built-ins");
+    registry
+        .register("later", Work::Io, later)
+        .expect("new kind");
+    let consumer = Service::consumer(&settings, registry);
+    assert_eq!(dlq(&env, &["replay", "later-1"]).trim(), "replayed 1");
+    assert_eq!(ready(&settings, topology::DEAD_QUEUE).await, 4);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let result = eventually(
+        "the replayed task's result",
+        Duration::from_secs(30),
+        || async { client.task("later-1").await.ok().flatten() },
+    )
+    .await;
+    assert_eq!(
+        (result.status, result.attempts),
+        (Status::Ok, 1),
+        "attempts start again"
+    );
+
+    // Replay the rest: the two `later` tasks run; the undecodable ones die again.
+    assert_eq!(dlq(&env, &["replay", "--all"]).trim(), "replayed 4");
+    for id in ["later-0", "later-2"] {
+        let result = eventually(id, Duration::from_secs(30), || async {
+            client.task(id).await.ok().flatten()
+        })
+        .await;
+        assert_eq!(result.status, Status::Ok);
+    }
+    eventually(
+        "the undecodable two back in fleet.dead",
+        Duration::from_secs(30),
+        || async { (ready(&settings, topology::DEAD_QUEUE).await == 2).then_some(()) },
+    )
+    .await;
+    let left = listed(&env);
+    assert!(
+        left.iter().all(|l| l.reason.contains("undecodable")),
+        "{left:?}"
+    );
+
+    assert_eq!(dlq(&env, &["purge", "--all"]).trim(), "purged 2");
+    assert!(listed(&env).is_empty());
+    assert_eq!(ready(&settings, topology::DEAD_QUEUE).await, 0);
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}

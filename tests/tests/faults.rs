@@ -8,6 +8,7 @@ use fleet_producer::client::CollectorClient;
 use fleet_producer::collector::store::BatchStatus;
 use fleet_producer::submit::{self, Receipt};
 use fleet_shared::envelope::{Status, TaskResult};
+use fleet_shared::publisher::Outgoing;
 use fleet_shared::settings::Settings;
 use fleet_shared::topology;
 use fleet_tests::node::Node;
@@ -613,5 +614,128 @@ async fn a_task_that_kills_its_process_ends_in_fleet_dead_and_the_rest_is_done()
         dead[0].reason
     );
     assert!(consumer.terminate(Duration::from_secs(30)).success());
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_past_its_deadline_is_not_run_and_fails_as_expired() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    let mut late = fleet_shared::envelope::Task::new(
+        "late-1".into(),
+        "sleep".into(),
+        None,
+        json!({ "ms": 5000 }),
+    );
+    late.deadline = Some(chrono::Utc::now() - chrono::Duration::seconds(1));
+    let mut timely = late.clone();
+    timely.id = "timely-1".into();
+    timely.payload = json!({ "ms": 1 });
+    timely.deadline = Some(chrono::Utc::now() + chrono::Duration::minutes(5));
+    publisher
+        .publish_all(vec![Outgoing::task(&late), Outgoing::task(&timely)])
+        .await
+        .expect("published");
+    let _ = connection.close(200, "done".into()).await;
+
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let result = eventually("the late task's result", Duration::from_secs(30), || async {
+        client.task("late-1").await.ok().flatten()
+    })
+    .await;
+    assert_eq!((result.status, result.attempts), (Status::Failed, 1));
+    let error = result.error.expect("why");
+    assert_eq!(error.kind, "expired");
+    assert!(
+        result.finished_at - result.started_at < chrono::Duration::seconds(1),
+        "the 5-second handler never ran"
+    );
+    let result = eventually("the timely task's result", Duration::from_secs(30), || async {
+        client.task("timely-1").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(result.status, Status::Ok);
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_of_the_collector_mid_run_acks_all_it_stored() {
+    let vhost = Vhost::new();
+    let env = vhost.env(&[("FLEET_CONSUMER__WORKERS", "2")]);
+    let settings = settings_of(&env);
+    let collector = Process::spawn("fleet-collector", &[], &env);
+    let consumer = Service::builtin_consumer(&settings);
+    let receipt = squares(&settings, 10_000).await;
+    let client = CollectorClient::new(&settings.producer.collector_url);
+
+    progress(&client, &receipt.batch, 2_000, Duration::from_secs(60)).await;
+    let status = tokio::task::spawn_blocking(move || collector.terminate(Duration::from_secs(15)))
+        .await
+        .expect("waiting for the collector");
+    assert!(status.success(), "a drained collector exits 0: {status:?}");
+    let collector = Process::spawn("fleet-collector", &[], &env);
+
+    let status = complete(&client, &receipt.batch, Duration::from_secs(240)).await;
+    assert_every_square_once(&client, &receipt, &status).await;
+    assert_eq!(status.duplicates, 0, "everything stored before the stop was acked");
+    consumer.stop().await.expect("consumer drains cleanly");
+    assert!(collector.terminate(Duration::from_secs(30)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_cancelled_by_the_broker_subscribes_again() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let first = squares(&settings, 100).await;
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    complete(&client, &first.batch, Duration::from_secs(30)).await;
+
+    // Deleting the work queue makes the broker send basic.cancel to its consumers.
+    let connection = fleet_shared::amqp::connect(&settings, "test-admin")
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_delete(
+            topology::WORK_QUEUE.into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("deleting the work queue");
+    let _ = connection.close(200, "done".into()).await;
+
+    // The consumer declares the queue again and takes new work without a restart.
+    eventually("the work queue to be back", Duration::from_secs(30), || async {
+        let connection = fleet_shared::amqp::connect(&settings, "test-probe").await.ok()?;
+        let channel = connection.create_channel().await.ok()?;
+        let back = channel
+            .queue_declare(
+                topology::WORK_QUEUE.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .ok()
+            .filter(|q| q.consumer_count() == 1);
+        let _ = connection.close(200, "done".into()).await;
+        back.map(drop)
+    })
+    .await;
+    let second = squares(&settings, 100).await;
+    let status = complete(&client, &second.batch, Duration::from_secs(30)).await;
+    assert_every_square_once(&client, &second, &status).await;
+    assert!(consumer.is_running());
+    consumer.stop().await.expect("consumer drains cleanly");
     collector.stop().await.expect("collector drains cleanly");
 }

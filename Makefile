@@ -1,7 +1,7 @@
 # The few targets a person types. Everything else is cargo.
 CONSUMERS ?= 2
 
-.PHONY: test lint run demo bench
+.PHONY: test lint run demo bench soak
 
 test:            ## every test, starting a local broker if none answers
 	scripts/test
@@ -17,4 +17,10 @@ demo:            ## the seed's task_master.py against a running fleet
 	cargo run --release -q --bin fleet-producer -- demo
 
 bench:           ## fleet-bench against the local broker
-	cargo run --release -q --bin fleet-bench -- --tasks 20000
+	cargo build --release -q --workspace --bins
+	target/release/fleet-bench --tasks 20000
+
+SOAK ?= 5m
+soak:            ## steady load for SOAK with consumers killed and connections cut at random
+	cargo build --release -q --workspace --bins
+	target/release/fleet-bench --soak $(SOAK) --chaos

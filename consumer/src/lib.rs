@@ -105,8 +105,8 @@ pub async fn run(
         }
     };
 
-    tracing::info!(in_flight = in_flight.len(), "draining");
     let subscription = outcome?;
+    tracing::info!(in_flight = in_flight.len(), "draining");
     // Stop new deliveries; those already prefetched are either run or returned by the worker.
     if let Some(subscription) = &subscription {
         subscription.cancel().await;
@@ -126,6 +126,19 @@ pub async fn run(
     }
     tracing::info!("fleet-consumer stopped");
     Ok(())
+}
+
+/// Hands one delivery to the worker as a task of its own, dropped if the session is `lost`.
+fn start(
+    worker: &Arc<Worker>,
+    delivery: lapin::message::Delivery,
+    publisher: &fleet_shared::publisher::Publisher,
+    in_flight: &TaskTracker,
+    lost: &CancellationToken,
+) {
+    let handled = Arc::clone(worker).handle(delivery, publisher.clone());
+    let lost = lost.clone();
+    in_flight.spawn(async move { lost.run_until_cancelled(handled).await });
 }
 
 /// Ends the slow start: a second consumer with the full prefetch replaces the first, whose
@@ -161,9 +174,7 @@ async fn widen(
     while let Ok(Some(Ok(delivery))) =
         tokio::time::timeout(std::time::Duration::from_millis(100), narrow.next()).await
     {
-        let handled = Arc::clone(worker).handle(delivery, subscription.publisher.clone());
-        let lost = lost.clone();
-        in_flight.spawn(async move { lost.run_until_cancelled(handled).await });
+        start(worker, delivery, &subscription.publisher, in_flight, lost);
     }
     tracing::debug!(prefetch, "slow start over");
     Ok(())
@@ -189,8 +200,12 @@ async fn consume(
     loop {
         if widen_at.is_some_and(|n| worker.settled() >= n) {
             widen_at = None;
-            if let Err(error) = widen(subscription, worker, in_flight, lost, prefetch).await {
-                return Some(error);
+            // Three quick calls; a cut at this moment could leave them waiting forever.
+            let widening = widen(subscription, worker, in_flight, lost, prefetch);
+            match tokio::time::timeout(std::time::Duration::from_secs(10), widening).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Some(error),
+                Err(_) => return Some(anyhow::anyhow!("timed out ending the slow start")),
             }
         }
         tokio::select! {
@@ -198,9 +213,7 @@ async fn consume(
             () = shutdown.cancelled() => return None,
             next = subscription.deliveries.next() => match next {
                 Some(Ok(delivery)) => {
-                    let handled = Arc::clone(worker).handle(delivery, subscription.publisher.clone());
-                    let lost = lost.clone();
-                    in_flight.spawn(async move { lost.run_until_cancelled(handled).await });
+                    start(worker, delivery, &subscription.publisher, in_flight, lost);
                 }
                 Some(Err(error)) => return Some(anyhow::Error::new(error).context("the delivery stream failed")),
                 None => return Some(anyhow::anyhow!("the broker cancelled our consumer on {}", topology::WORK_QUEUE)),

@@ -70,10 +70,11 @@ pub struct Subscription {
 impl Subscription {
     /// Cancels the consumer (no new deliveries); errors are moot during shutdown.
     pub async fn cancel(&self) {
-        let _ = self
+        let cancel = self
             .channel
-            .basic_cancel(self.deliveries.tag(), BasicCancelOptions::default())
-            .await;
+            .basic_cancel(self.deliveries.tag(), BasicCancelOptions::default());
+        // On a dead connection this may never answer; see `lost_watch`.
+        let _ = tokio::time::timeout(Duration::from_secs(5), cancel).await;
     }
 
     /// Why this subscription can no longer work (connection or either channel closed), if so.
@@ -86,6 +87,20 @@ impl Subscription {
             Some(anyhow::anyhow!("the publishing channel is closed"))
         } else {
             None
+        }
+    }
+
+    /// Resolves once the subscription is lost (see [`Subscription::lost`]), with the reason.
+    ///
+    /// lapin does not always fail a pending operation when its connection dies (an ack or a
+    /// publish on a cut connection can wait forever), so every wait on the broker that is not
+    /// itself a delivery stream should race against this.
+    pub async fn lost_watch(&self) -> anyhow::Error {
+        loop {
+            if let Some(why) = self.lost() {
+                return why;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -156,6 +171,22 @@ async fn subscribe_once(
     prefetch: u16,
 ) -> anyhow::Result<Subscription> {
     let connection = connect(settings, name).await?;
+    // Each step below can hang on a connection cut at that moment (see `lost_watch`).
+    let limit = Duration::from_secs(settings.amqp.connect_timeout_secs);
+    tokio::time::timeout(
+        limit,
+        start_consuming(connection, settings, queue, prefetch),
+    )
+    .await
+    .with_context(|| format!("timed out after {limit:?} setting up the consumer"))?
+}
+
+async fn start_consuming(
+    connection: Connection,
+    settings: &Settings,
+    queue: &str,
+    prefetch: u16,
+) -> anyhow::Result<Subscription> {
     let channel = connection
         .create_channel()
         .await

@@ -8,6 +8,7 @@
 pub mod node;
 pub mod process;
 pub mod proxy;
+pub mod soak;
 
 use anyhow::Context as _;
 use fleet_consumer::registry::Registry;

@@ -1,25 +1,9 @@
 //! The shipped binaries: exit codes of DESIGN.md and passwords kept out of argv and output.
 
+use fleet_tests::process::binary;
 use fleet_tests::{Vhost, require_broker};
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-
-/// A workspace binary next to this test's executable (built by `cargo build --workspace`).
-fn binary(name: &str) -> PathBuf {
-    let mut dir = std::env::current_exe().expect("test executable path");
-    dir.pop();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --workspace` first (scripts/test does)",
-        path.display()
-    );
-    path
-}
 
 fn run(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(binary(name))

@@ -48,6 +48,25 @@ async fn warm_up(settings: &Settings) {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
+/// Starts a consumer process, warms it up, publishes four 5-second `sleep` tasks and returns once
+/// the broker has delivered all four to it.
+async fn four_long_tasks_delivered(
+    env: &[(String, String)],
+    settings: &Settings,
+) -> (Process, Receipt) {
+    let consumer = Process::spawn("fleet-consumer", &[], env);
+    warm_up(settings).await;
+    let tasks = (0..4).map(|_| json!({ "ms": 5000 })).collect();
+    let receipt = publish(settings, "sleep", tasks).await;
+    eventually(
+        "all four tasks delivered",
+        Duration::from_secs(30),
+        || async { (ready(settings, topology::WORK_QUEUE).await == 0).then_some(()) },
+    )
+    .await;
+    (consumer, receipt)
+}
+
 /// Waits until at least `done` results of `batch` are stored.
 async fn progress(client: &CollectorClient, batch: &str, done: u64, limit: Duration) {
     eventually(&format!("{done} results of {batch}"), limit, || async {
@@ -293,20 +312,7 @@ async fn sigterm_lets_running_tasks_finish_and_returns_the_rest() {
     ]);
     let settings = settings_of(&env);
     let collector = Service::collector(&settings);
-    let consumer = Process::spawn("fleet-consumer", &[], &env);
-    warm_up(&settings).await;
-    let receipt = publish(
-        &settings,
-        "sleep",
-        (0..4).map(|_| json!({ "ms": 5000 })).collect(),
-    )
-    .await;
-    eventually(
-        "all four tasks delivered",
-        Duration::from_secs(30),
-        || async { (ready(&settings, topology::WORK_QUEUE).await == 0).then_some(()) },
-    )
-    .await;
+    let (consumer, receipt) = four_long_tasks_delivered(&env, &settings).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let stopping = Instant::now();
@@ -360,20 +366,7 @@ async fn a_second_signal_exits_at_once_and_the_tasks_are_redelivered() {
     let env = vhost.env(&[("FLEET_CONSUMER__IO_CONCURRENCY", "4")]);
     let settings = settings_of(&env);
     let collector = Service::collector(&settings);
-    let consumer = Process::spawn("fleet-consumer", &[], &env);
-    warm_up(&settings).await;
-    let receipt = publish(
-        &settings,
-        "sleep",
-        (0..4).map(|_| json!({ "ms": 5000 })).collect(),
-    )
-    .await;
-    eventually(
-        "all four tasks delivered",
-        Duration::from_secs(30),
-        || async { (ready(&settings, topology::WORK_QUEUE).await == 0).then_some(()) },
-    )
-    .await;
+    let (consumer, receipt) = four_long_tasks_delivered(&env, &settings).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stopping = Instant::now();
     consumer.signal("TERM");
@@ -644,9 +637,11 @@ async fn a_task_past_its_deadline_is_not_run_and_fails_as_expired() {
     let _ = connection.close(200, "done".into()).await;
 
     let client = CollectorClient::new(&settings.producer.collector_url);
-    let result = eventually("the late task's result", Duration::from_secs(30), || async {
-        client.task("late-1").await.ok().flatten()
-    })
+    let result = eventually(
+        "the late task's result",
+        Duration::from_secs(30),
+        || async { client.task("late-1").await.ok().flatten() },
+    )
     .await;
     assert_eq!((result.status, result.attempts), (Status::Failed, 1));
     let error = result.error.expect("why");
@@ -655,9 +650,11 @@ async fn a_task_past_its_deadline_is_not_run_and_fails_as_expired() {
         result.finished_at - result.started_at < chrono::Duration::seconds(1),
         "the 5-second handler never ran"
     );
-    let result = eventually("the timely task's result", Duration::from_secs(30), || async {
-        client.task("timely-1").await.ok().flatten()
-    })
+    let result = eventually(
+        "the timely task's result",
+        Duration::from_secs(30),
+        || async { client.task("timely-1").await.ok().flatten() },
+    )
     .await;
     assert_eq!(result.status, Status::Ok);
     consumer.stop().await.expect("consumer drains cleanly");
@@ -683,7 +680,10 @@ async fn sigterm_of_the_collector_mid_run_acks_all_it_stored() {
 
     let status = complete(&client, &receipt.batch, Duration::from_secs(240)).await;
     assert_every_square_once(&client, &receipt, &status).await;
-    assert_eq!(status.duplicates, 0, "everything stored before the stop was acked");
+    assert_eq!(
+        status.duplicates, 0,
+        "everything stored before the stop was acked"
+    );
     consumer.stop().await.expect("consumer drains cleanly");
     assert!(collector.terminate(Duration::from_secs(30)).success());
 }
@@ -713,24 +713,30 @@ async fn a_consumer_cancelled_by_the_broker_subscribes_again() {
     let _ = connection.close(200, "done".into()).await;
 
     // The consumer declares the queue again and takes new work without a restart.
-    eventually("the work queue to be back", Duration::from_secs(30), || async {
-        let connection = fleet_shared::amqp::connect(&settings, "test-probe").await.ok()?;
-        let channel = connection.create_channel().await.ok()?;
-        let back = channel
-            .queue_declare(
-                topology::WORK_QUEUE.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .ok()
-            .filter(|q| q.consumer_count() == 1);
-        let _ = connection.close(200, "done".into()).await;
-        back.map(drop)
-    })
+    eventually(
+        "the work queue to be back",
+        Duration::from_secs(30),
+        || async {
+            let connection = fleet_shared::amqp::connect(&settings, "test-probe")
+                .await
+                .ok()?;
+            let channel = connection.create_channel().await.ok()?;
+            let back = channel
+                .queue_declare(
+                    topology::WORK_QUEUE.into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .ok()
+                .filter(|q| q.consumer_count() == 1);
+            let _ = connection.close(200, "done".into()).await;
+            back.map(drop)
+        },
+    )
     .await;
     let second = squares(&settings, 100).await;
     let status = complete(&client, &second.batch, Duration::from_secs(30)).await;

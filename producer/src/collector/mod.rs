@@ -79,7 +79,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             tracing::info!(reconnects = sessions, "fleet-collector consuming again");
         }
         sessions += 1;
-        match collect(&mut subscription, &writer, &settings, &shutdown).await {
+        // After a signal, the group being stored gets `grace_period_secs` to commit and ack.
+        let grace = Duration::from_secs(settings.collector.grace_period_secs);
+        let grace_over = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            tracing::warn!(
+                ?grace,
+                "grace period over; unacked results will be redelivered"
+            );
+        };
+        let ended = tokio::select! {
+            ended = collect(&mut subscription, &writer, &settings, &shutdown) => ended,
+            () = grace_over => Ok(Ended::Shutdown),
+        };
+        match ended {
             Ok(Ended::Shutdown) => {
                 // Whatever arrived before this point is stored and acked; the rest is returned.
                 subscription.cancel().await;
@@ -149,7 +163,11 @@ async fn collect(
                 },
             }
         }
-        match flush(writer, &subscription.publisher, &mut group).await {
+        let flushed = tokio::select! {
+            flushed = flush(writer, &subscription.publisher, &mut group) => flushed,
+            why = subscription.lost_watch() => Err(Flush::Broker(why)),
+        };
+        match flushed {
             Ok(()) => {}
             Err(Flush::Store(error)) => return Err(error),
             Err(Flush::Broker(error)) => return Ok(Ended::Lost(error)),

@@ -35,6 +35,20 @@ struct Args {
     /// Prefetch of the baseline's consumer [default: the fleet consumer's, workers x 4].
     #[arg(long)]
     baseline_prefetch: Option<u16>,
+    /// Instead of the comparison, soak: steady load for this long (e.g. `5m`), then count
+    /// lost and duplicated results and report each process's RSS at start and end.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    soak: Option<Duration>,
+    /// With --soak: kill -9 a consumer (and start it again) or cut every broker connection,
+    /// at random every 3 to 10 seconds.
+    #[arg(long, requires = "soak")]
+    chaos: bool,
+    /// With --soak: tasks per second offered.
+    #[arg(long, default_value_t = 500, requires = "soak")]
+    rate: u64,
+    /// With --soak: consumer processes.
+    #[arg(long, default_value_t = 2, requires = "soak")]
+    consumers: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,7 +56,43 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(bench(args))
+    match args.soak {
+        Some(duration) => runtime.block_on(soak(fleet_tests::soak::Plan {
+            duration,
+            rate: args.rate,
+            consumers: args.consumers,
+            chaos: args.chaos,
+        })),
+        None => runtime.block_on(bench(args)),
+    }
+}
+
+async fn soak(plan: fleet_tests::soak::Plan) -> anyhow::Result<()> {
+    let r = fleet_tests::soak::run(plan).await?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "fleet-soak duration_s={} chaos={} rate={} tasks={} lost={} duplicates={} failed={} kills={} cuts={} settle_s={:.1} rss_mib consumer={:.1}->{:.1} collector={:.1}->{:.1} producer={:.1}->{:.1}",
+        plan.duration.as_secs(),
+        plan.chaos,
+        plan.rate,
+        r.tasks,
+        r.lost,
+        r.duplicates,
+        r.failed,
+        r.kills,
+        r.cuts,
+        r.settle.as_secs_f64(),
+        mib(r.rss_kib[0].0),
+        mib(r.rss_kib[0].1),
+        mib(r.rss_kib[1].0),
+        mib(r.rss_kib[1].1),
+        mib(r.rss_kib[2].0),
+        mib(r.rss_kib[2].1),
+    );
+    if r.lost > 0 {
+        bail!("{} tasks lost", r.lost);
+    }
+    Ok(())
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {

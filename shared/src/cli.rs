@@ -23,7 +23,7 @@ where
     F: FnOnce(Settings, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    crate::telemetry::init(settings.log.format, "info");
+    crate::telemetry::init(settings.log.format, crate::telemetry::DEFAULT_FILTER);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -3,6 +3,11 @@
 use crate::settings::LogFormat;
 use tracing_subscriber::EnvFilter;
 
+/// The filter when `RUST_LOG` is unset: fleet at info, and lapin's own lines off. fleet logs every
+/// broker failure with its context once; lapin would add several ERROR lines of its own for one
+/// refused login or dropped connection. `RUST_LOG=info,lapin=debug` shows them.
+pub const DEFAULT_FILTER: &str = "info,lapin=off";
+
 /// Installs the global subscriber. `RUST_LOG` wins over the `default` filter (e.g. `"info"`).
 /// Logs go to stderr so stdout stays for a command's output (batch ids, results).
 pub fn init(format: LogFormat, default: &str) {

@@ -48,6 +48,77 @@ fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A broker user of its own with a random password, deleted on drop. The password reaches
+/// rabbitmqctl on its standard input, never its command line.
+pub struct User {
+    /// Its name.
+    pub name: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl User {
+    /// Creates the user with no tags and no permissions.
+    ///
+    /// # Panics
+    /// When rabbitmqctl fails.
+    pub fn new() -> Self {
+        use std::io::Write as _;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("fleet-user-{}", &id[..12]);
+        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+        let mut child = Command::new("rabbitmqctl")
+            .args(["add_user", &name])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running rabbitmqctl add_user");
+        child
+            .stdin
+            .take()
+            .expect("a stdin pipe")
+            .write_all(format!("{password}\n").as_bytes())
+            .expect("writing the password to rabbitmqctl");
+        let output = child.wait_with_output().expect("rabbitmqctl add_user");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl add_user failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Self { name, password }
+    }
+
+    /// Grants the user configure, write and read patterns on `vhost`.
+    ///
+    /// # Panics
+    /// When rabbitmqctl fails.
+    pub fn permit(&self, vhost: &str, configure: &str, write: &str, read: &str) {
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            vhost,
+            &self.name,
+            configure,
+            write,
+            read,
+        ])
+        .expect("rabbitmqctl set_permissions");
+    }
+}
+
+impl Default for User {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["delete_user", &self.name]);
+    }
+}
+
 /// A vhost of its own on the local broker, removed on drop.
 pub struct Vhost {
     /// Its name.

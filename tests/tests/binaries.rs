@@ -47,18 +47,21 @@ fn submit_with_unreadable_input_exits_2() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/input.jsonl"));
 }
 
-#[test]
-fn a_refused_password_exits_3_quickly_naming_broker_and_user_but_not_the_password() {
-    require_broker();
-    let vhost = Vhost::new();
-    let secret = format!("wrong-{}", uuid::Uuid::new_v4().simple());
-    let password_file = vhost.dir.join("password");
-    std::fs::write(&password_file, format!("{secret}\n")).expect("writing the password file");
-    let url = format!("amqp://guest@{}/{}", fleet_tests::broker_host(), vhost.name);
+/// Runs each service as `user` with `password` (from a file) and checks the broker's refusal:
+/// exit 3 within 5 seconds, one line naming broker and user, and never the password.
+fn assert_refused(vhost: &Vhost, user: &str, password: &str, why: &str) {
+    let password_file = vhost.dir.join(format!("password-{user}"));
+    std::fs::write(&password_file, format!("{password}\n")).expect("writing the password file");
+    let url = format!(
+        "amqp://{user}@{}/{}",
+        fleet_tests::broker_host(),
+        vhost.name
+    );
     for (name, args) in [
         ("fleet-consumer", &[][..]),
         ("fleet-collector", &[][..]),
         ("fleet-producer", &["demo"][..]),
+        ("fleet-producer", &["dlq", "list"][..]),
     ] {
         let started = Instant::now();
         let output = run(
@@ -79,24 +82,51 @@ fn a_refused_password_exits_3_quickly_naming_broker_and_user_but_not_the_passwor
         );
         assert!(
             started.elapsed() < Duration::from_secs(5),
-            "{name} took {:?}",
+            "{name} {why}: took {:?}",
             started.elapsed()
-        );
-        assert_eq!(
-            output.status.code(),
-            Some(3),
-            "{name}: {}",
-            String::from_utf8_lossy(&output.stderr)
         );
         let all = format!(
             "{}{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        assert!(all.contains("refused user `guest`"), "{name}: {all}");
-        assert!(all.contains(&fleet_tests::broker_host()), "{name}: {all}");
-        assert!(!all.contains(&secret), "{name} printed the password");
+        assert_eq!(output.status.code(), Some(3), "{name} {why}: {all}");
+        assert_eq!(
+            all.lines().count(),
+            1,
+            "{name} {why}: one line, no retry storm: {all}"
+        );
+        assert!(
+            all.contains(&format!("refused user `{user}`")),
+            "{name} {why}: {all}"
+        );
+        assert!(
+            all.contains(&fleet_tests::broker_host()),
+            "{name} {why}: {all}"
+        );
+        assert!(
+            !all.contains(password),
+            "{name} {why}: printed the password"
+        );
     }
+}
+
+#[test]
+fn a_refused_login_exits_3_quickly_naming_broker_and_user_but_not_the_password() {
+    require_broker();
+    let vhost = Vhost::new();
+    let wrong = format!("wrong-{}", uuid::Uuid::new_v4().simple());
+    assert_refused(&vhost, "guest", &wrong, "with a wrong password");
+    let nobody = format!("nobody-{}", uuid::Uuid::new_v4().simple());
+    assert_refused(&vhost, &nobody, &wrong, "as an unknown user");
+    // A real user with the right password but no permission on the vhost.
+    let user = fleet_tests::User::new();
+    assert_refused(
+        &vhost,
+        &user.name,
+        &user.password,
+        "without vhost permission",
+    );
 }
 
 fn fleet_env(settings: &fleet_shared::settings::Settings, vhost: &Vhost) -> Vec<(String, String)> {

@@ -112,7 +112,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     };
     http_shutdown.cancel();
     let _ = server.await;
-    tracing::info!("fleet-collector stopped");
+    if outcome.is_ok() {
+        tracing::info!("fleet-collector stopped");
+    }
     outcome
 }
 

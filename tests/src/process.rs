@@ -33,24 +33,54 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts `name` with `args` and exactly `env` (plus `PATH`, and `RUST_LOG` if set); its
-    /// stderr goes to the test's, its stdout nowhere.
+    /// Starts `name` with `args` and exactly `env` (plus `PATH`, and the test's `RUST_LOG` unless
+    /// `env` has one); its stderr goes to the test's, its stdout nowhere.
     ///
     /// # Panics
     /// When the binary is missing or cannot start.
     pub fn spawn(name: &str, args: &[&str], env: &[(String, String)]) -> Self {
+        Self::start(name, args, env, Stdio::null(), Stdio::inherit())
+    }
+
+    /// As [`Process::spawn`], with stdout and stderr both appended to `log`.
+    ///
+    /// # Panics
+    /// When the binary is missing or cannot start, or `log` cannot be opened.
+    pub fn spawn_logged(
+        name: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        log: &std::path::Path,
+    ) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("opening the log file");
+        let copy = file.try_clone().expect("a second handle on the log file");
+        Self::start(name, args, env, Stdio::from(file), Stdio::from(copy))
+    }
+
+    fn start(
+        name: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Self {
         let mut command = Command::new(binary(name));
         command
             .args(args)
             .env_clear()
-            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(stdout)
+            .stderr(stderr);
         for inherited in ["PATH", "RUST_LOG"] {
             if let Some(value) = std::env::var_os(inherited) {
                 command.env(inherited, value);
             }
         }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
         let child = command
             .spawn()
             .with_context(|| format!("starting {name}"))
@@ -64,6 +94,13 @@ impl Process {
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its command line as the kernel shows it (`/proc/PID/cmdline`, NULs as spaces).
+    pub fn cmdline(&self) -> String {
+        std::fs::read(format!("/proc/{}/cmdline", self.pid()))
+            .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+            .unwrap_or_default()
     }
 
     /// Sends `signal` (`TERM`, `KILL`, `INT`).

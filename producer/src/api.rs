@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use deadpool_lapin::{Pool, Runtime};
 use fleet_shared::envelope::Task;
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher};
-use fleet_shared::settings::Settings;
+use fleet_shared::settings::{Secret, Settings};
 use fleet_shared::telemetry::redact;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -27,6 +27,7 @@ struct App {
     pool: Pool,
     window: usize,
     max_batch: usize,
+    token: Option<Secret>,
 }
 
 /// `POST /v1/tasks` body.
@@ -79,12 +80,14 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         broker = %redact(&settings.amqp.url),
         listen = %settings.producer.listen,
         pool = settings.producer.pool_size,
+        token_required = settings.producer.token.is_some(),
         "fleet-producer serving"
     );
     let app = App {
         pool,
         window: settings.amqp.publish_window,
         max_batch: settings.producer.max_batch,
+        token: settings.producer.token.clone(),
     };
     axum::serve(listener, router(app, settings.producer.max_body_bytes))
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -93,11 +96,47 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
 }
 
 fn router(app: App, max_body: usize) -> Router {
+    let app = Arc::new(app);
     Router::new()
         .route("/v1/tasks", post(create_task))
         .route("/v1/batches", post(create_batch))
         .layer(DefaultBodyLimit::max(max_body))
-        .with_state(Arc::new(app))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&app),
+            require_token,
+        ))
+        .with_state(app)
+}
+
+/// With `producer.token_file` set, every request needs `Authorization: Bearer <token>`; anything
+/// else is a 401 (compared in constant time, and never logged).
+async fn require_token(
+    State(app): State<Arc<App>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use subtle::ConstantTimeEq as _;
+    let Some(token) = &app.token else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
+        next.run(request).await
+    } else {
+        let mut response =
+            ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required")
+                .into_response();
+        response.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+        response
+    }
 }
 
 fn bad_request(rejection: JsonRejection) -> ApiError {

@@ -17,6 +17,23 @@ use std::time::Duration;
 /// The systemd credential name that holds the broker password (`LoadCredential=amqp-password:...`).
 pub const CREDENTIAL_NAME: &str = "amqp-password";
 
+/// A secret read from a file: compared and used, never printed (`Debug` shows `***`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
 /// All fleet settings. Every service reads the same structure and uses its own sections.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,7 +76,7 @@ pub struct AmqpSettings {
     pub reconnect_timeout_secs: u64,
     /// Password read from `password_file` or the systemd credential; never printed.
     #[serde(skip)]
-    password: Option<String>,
+    password: Option<Secret>,
 }
 
 /// Queue type of the work, dead-letter and result queues.
@@ -174,6 +191,13 @@ pub struct ProducerSettings {
     pub max_batch: usize,
     /// Largest HTTP request body, in bytes. Default 16777216. Env `FLEET_PRODUCER__MAX_BODY_BYTES`.
     pub max_body_bytes: usize,
+    /// File whose first line is the bearer token the HTTP API requires
+    /// (`Authorization: Bearer <token>`). Default none: no token is asked for.
+    /// Env `FLEET_PRODUCER__TOKEN_FILE`.
+    pub token_file: Option<PathBuf>,
+    /// The token read from `token_file`; never printed.
+    #[serde(skip)]
+    pub token: Option<Secret>,
 }
 
 /// `[collector]`: the result store.
@@ -305,6 +329,9 @@ impl Settings {
         let config = builder.build().map_err(from_config_error)?;
         let mut settings: Settings = config.try_deserialize().map_err(from_config_error)?;
         settings.amqp.password = read_password(&settings.amqp, &env)?;
+        if let Some(path) = &settings.producer.token_file {
+            settings.producer.token = Some(first_line("producer.token_file", path)?);
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -402,7 +429,7 @@ impl Settings {
             .parse()
             .map_err(|e: String| SettingsError::new("amqp.url", e))?;
         if let Some(password) = &self.amqp.password {
-            uri.authority.userinfo.password = password.clone();
+            uri.authority.userinfo.password = password.expose().to_owned();
         }
         // A `?heartbeat=` in the URL wins over the setting.
         uri.query.heartbeat.get_or_insert(self.amqp.heartbeat_secs);
@@ -500,7 +527,7 @@ fn some_delays<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u64>
 fn read_password(
     amqp: &AmqpSettings,
     env: &std::collections::HashMap<String, String>,
-) -> Result<Option<String>, SettingsError> {
+) -> Result<Option<Secret>, SettingsError> {
     let (key, path) = match (&amqp.password_file, env.get("CREDENTIALS_DIRECTORY")) {
         (Some(path), _) => ("amqp.password_file", path.clone()),
         (None, Some(dir)) if Path::new(dir).join(CREDENTIAL_NAME).is_file() => (
@@ -509,16 +536,22 @@ fn read_password(
         ),
         _ => return Ok(None),
     };
-    let text = std::fs::read_to_string(&path)
+    first_line(key, &path).map(Some)
+}
+
+/// The first line of the secret file at `path`; an unreadable or empty file is an error naming
+/// `key`.
+fn first_line(key: &str, path: &Path) -> Result<Secret, SettingsError> {
+    let text = std::fs::read_to_string(path)
         .map_err(|e| SettingsError::new(key, format!("cannot read {}: {e}", path.display())))?;
-    let password = text.lines().next().unwrap_or_default().to_owned();
-    if password.is_empty() {
+    let secret = text.lines().next().unwrap_or_default().to_owned();
+    if secret.is_empty() {
         return Err(SettingsError::new(
             key,
             format!("{} is empty", path.display()),
         ));
     }
-    Ok(Some(password))
+    Ok(Secret(secret))
 }
 
 fn from_config_error(error: config::ConfigError) -> SettingsError {

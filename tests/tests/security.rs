@@ -1,0 +1,182 @@
+//! Secrets and access: the broker password never leaves its file (not on a command line, not in
+//! any log line at the most verbose level, through start, work, reconnects and shutdown of every
+//! service), and the HTTP API asks for its bearer token when one is configured.
+
+use fleet_tests::process::{Process, binary};
+use fleet_tests::proxy::Proxy;
+use fleet_tests::{User, Vhost, eventually, settings_of};
+use std::process::Command;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_password_is_in_no_output_and_no_command_line() {
+    let vhost = Vhost::new();
+    let user = User::new();
+    user.permit(&vhost.name, ".*", ".*", ".*");
+    let password_file = vhost.dir.join("amqp-password");
+    std::fs::write(&password_file, format!("{}\n", user.password)).expect("password file");
+    // The consumer reads it the systemd way, from $CREDENTIALS_DIRECTORY/amqp-password.
+    let credentials = vhost.dir.join("credentials");
+    std::fs::create_dir_all(&credentials).expect("credentials dir");
+    std::fs::copy(&password_file, credentials.join("amqp-password")).expect("credential");
+
+    // Everything goes through a proxy, so the test can also make every service reconnect.
+    let proxy = Proxy::start(fleet_tests::broker_host()).await;
+    let url = format!("amqp://{}@{}/{}", user.name, proxy.addr, vhost.name);
+    let base = vhost.env(&[("FLEET_AMQP__URL", &url), ("RUST_LOG", "trace")]);
+    let with = |extra: (&str, String)| {
+        let mut env = base.clone();
+        env.push((extra.0.to_owned(), extra.1));
+        env
+    };
+    let file_env = with((
+        "FLEET_AMQP__PASSWORD_FILE",
+        password_file.display().to_string(),
+    ));
+    let systemd_env = with(("CREDENTIALS_DIRECTORY", credentials.display().to_string()));
+    let settings = settings_of(&file_env);
+    let log = vhost.dir.join("all.log");
+
+    let collector = Process::spawn_logged("fleet-collector", &[], &file_env, &log);
+    let consumer = Process::spawn_logged("fleet-consumer", &[], &systemd_env, &log);
+    let api = Process::spawn_logged("fleet-producer", &["serve"], &file_env, &log);
+    let http = reqwest::Client::new();
+    let accepted = eventually(
+        "the API to accept a task",
+        Duration::from_secs(30),
+        || async {
+            http.post(format!("http://{}/v1/tasks", settings.producer.listen))
+                .json(&serde_json::json!({ "kind": "square", "payload": { "n": 9 }, "id": "t-1" }))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 202)
+        },
+    )
+    .await;
+    assert_eq!(accepted.status(), 202);
+    let client = fleet_producer::client::CollectorClient::new(&settings.producer.collector_url);
+    eventually("the task's result", Duration::from_secs(30), || async {
+        client.task("t-1").await.ok().flatten()
+    })
+    .await;
+
+    let input = vhost.dir.join("in.jsonl");
+    std::fs::write(&input, "{\"n\": 2}\n{\"n\": 3}\n").expect("input");
+    let mut commands = Vec::new();
+    for args in [
+        vec![
+            "submit",
+            "square",
+            "--input",
+            input.to_str().expect("utf-8"),
+            "--wait",
+        ],
+        vec!["dlq", "list"],
+        vec!["demo"],
+    ] {
+        let output = Command::new(binary("fleet-producer"))
+            .args(&args)
+            .env_clear()
+            .envs(file_env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("running fleet-producer");
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        commands.push(String::from_utf8_lossy(&output.stdout).into_owned());
+        commands.push(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+
+    // Reconnect logging is on the path too.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for process in [&collector, &consumer, &api] {
+        assert!(
+            !process.cmdline().contains(&user.password),
+            "{} argv",
+            process.name
+        );
+        assert!(
+            process.cmdline().contains(&process.name),
+            "read the real cmdline"
+        );
+    }
+    for process in [consumer, api, collector] {
+        assert!(process.terminate(Duration::from_secs(30)).success());
+    }
+
+    let logs = std::fs::read_to_string(&log).expect("the services' logs");
+    assert!(
+        logs.contains("fleet-consumer started"),
+        "the logs were captured"
+    );
+    assert!(
+        logs.lines().count() > 1_000,
+        "at trace level, lapin's frames included"
+    );
+    assert!(logs.contains("consuming again"), "the services reconnected");
+    assert!(logs.contains(&user.name), "the user is named");
+    assert!(
+        !logs.contains(&user.password),
+        "a service logged the password"
+    );
+    for output in &commands {
+        assert!(
+            !output.contains(&user.password),
+            "a command printed the password"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_http_api_wants_its_bearer_token_when_one_is_configured() {
+    let vhost = Vhost::new();
+    let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
+    let token_file = vhost.dir.join("api-token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token file");
+    let settings = vhost.settings(&[(
+        "FLEET_PRODUCER__TOKEN_FILE",
+        token_file.to_str().expect("utf-8"),
+    )]);
+    assert!(
+        !format!("{settings:?}").contains(&token),
+        "Debug hides the token"
+    );
+    let api = fleet_tests::Service::producer_api(&settings);
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/tasks", settings.producer.listen);
+    let task = serde_json::json!({ "kind": "square", "payload": { "n": 2 } });
+    let post = |bearer: Option<String>| {
+        let mut request = http.post(&url).json(&task);
+        if let Some(bearer) = bearer {
+            request = request.header("authorization", bearer);
+        }
+        request.send()
+    };
+    eventually("the API to listen", Duration::from_secs(30), || async {
+        post(None).await.ok()
+    })
+    .await;
+
+    for bearer in [None, Some("Bearer wrong".to_owned()), Some(token.clone())] {
+        let response = post(bearer.clone()).await.expect("an answer");
+        assert_eq!(response.status(), 401, "{bearer:?}");
+        assert_eq!(
+            response
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.as_bytes()),
+            Some(&b"Bearer"[..])
+        );
+        let body: serde_json::Value = response.json().await.expect("a JSON error");
+        assert_eq!(body["error"], "a valid bearer token is required");
+    }
+    let response = post(Some(format!("Bearer {token}")))
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), 202);
+    api.stop().await.expect("the API stops cleanly");
+}

@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use backon::{ExponentialBuilder, Retryable as _};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 use std::time::Duration;
@@ -26,7 +27,13 @@ pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<Connecti
     let broker = redact(&settings.amqp.url);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let timeout = Duration::from_secs(settings.amqp.connect_timeout_secs);
-    let connected = tokio::time::timeout(timeout, Connection::connect_uri(uri, properties))
+    let builder = lapin::DefaultConnectionBuilder::new()
+        .context("starting lapin's runtime")?
+        .with_uri(uri)
+        .with_properties(properties)
+        .with_tls_config(tls_config(settings)?);
+    let connecting = builder.connect();
+    let connected = tokio::time::timeout(timeout, connecting)
         .await
         .with_context(|| format!("timed out after {timeout:?} connecting to {broker}"))?;
     match connected {
@@ -39,6 +46,32 @@ pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<Connecti
         .into()),
         Err(error) => Err(anyhow::Error::new(error).context(format!("connecting to {broker}"))),
     }
+}
+
+/// The TLS side of `amqps://` connections: extra trusted CA certificates and the client
+/// identity, read from the files the settings name (each time, so rotated files are picked up).
+fn tls_config(settings: &Settings) -> anyhow::Result<OwnedTLSConfig> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("reading {key} {}", path.display()))
+    };
+    let cert_chain = match &settings.amqp.tls_ca_file {
+        Some(path) => Some(
+            String::from_utf8(read("amqp.tls_ca_file", path)?)
+                .context("amqp.tls_ca_file is not PEM text")?,
+        ),
+        None => None,
+    };
+    let identity = match (&settings.amqp.tls_cert_file, &settings.amqp.tls_key_file) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read("amqp.tls_cert_file", cert)?,
+            key: read("amqp.tls_key_file", key)?,
+        }),
+        _ => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
 }
 
 /// True when the broker refused access: bad credentials, unknown user, or no vhost permission.

@@ -74,6 +74,15 @@ pub struct AmqpSettings {
     /// Seconds a service keeps trying to (re)connect before it exits 1. Default 300.
     /// Env `FLEET_AMQP__RECONNECT_TIMEOUT_SECS`.
     pub reconnect_timeout_secs: u64,
+    /// PEM file of the CA certificates that sign the broker's certificate, for `amqps://` URLs.
+    /// The broker's name in the URL must match its certificate. Default none.
+    /// Env `FLEET_AMQP__TLS_CA_FILE`.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for mutual TLS (with `?auth_mechanism=external` in the URL, the
+    /// broker takes the user from it). Needs `tls_key_file`. Env `FLEET_AMQP__TLS_CERT_FILE`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM (PKCS#8) private key of `tls_cert_file`. Env `FLEET_AMQP__TLS_KEY_FILE`.
+    pub tls_key_file: Option<PathBuf>,
     /// Password read from `password_file` or the systemd credential; never printed.
     #[serde(skip)]
     password: Option<Secret>,
@@ -397,6 +406,35 @@ impl Settings {
             }
         }
         self.amqp_uri()?;
+        match (&self.amqp.tls_cert_file, &self.amqp.tls_key_file) {
+            (Some(_), None) => {
+                return Err(SettingsError::new(
+                    "amqp.tls_key_file",
+                    "needed with amqp.tls_cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(SettingsError::new(
+                    "amqp.tls_cert_file",
+                    "needed with amqp.tls_key_file",
+                ));
+            }
+            _ => {}
+        }
+        for (key, path) in [
+            ("amqp.tls_ca_file", &self.amqp.tls_ca_file),
+            ("amqp.tls_cert_file", &self.amqp.tls_cert_file),
+            ("amqp.tls_key_file", &self.amqp.tls_key_file),
+        ] {
+            if let Some(path) = path
+                && let Err(e) = std::fs::File::open(path)
+            {
+                return Err(SettingsError::new(
+                    key,
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+            }
+        }
         for (name, path) in &self.consumer.exec.programs {
             if !path.is_absolute() {
                 return Err(SettingsError::new(

@@ -41,6 +41,19 @@ impl Node {
     /// # Panics
     /// When the node does not answer within 60 seconds (its log directory is kept then).
     pub fn start() -> Self {
+        Self::start_with(&[], |_, _| String::new())
+    }
+
+    /// As [`Node::start`], with `plugins` enabled and the lines `configure(dir, port)` returns
+    /// added to rabbitmq.conf; `configure` may also write files (certificates) into `dir`, which
+    /// is given to the rabbitmq user before the node starts.
+    ///
+    /// # Panics
+    /// As [`Node::start`].
+    pub fn start_with(
+        plugins: &[&str],
+        configure: impl FnOnce(&std::path::Path, u16) -> String,
+    ) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("fleet-{}@localhost", &id[..8]);
         let dir = std::env::temp_dir().join(format!("fleet-node-{}", &id[..8]));
@@ -48,12 +61,17 @@ impl Node {
             std::fs::create_dir_all(dir.join(sub)).expect("creating the node directory");
         }
         let port = free_port();
+        let extra = configure(&dir, free_port());
         std::fs::write(
             dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users = none\n"),
+            format!("listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users = none\n{extra}"),
         )
         .expect("writing rabbitmq.conf");
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("writing enabled_plugins");
+        std::fs::write(
+            dir.join("enabled_plugins"),
+            format!("[{}].\n", plugins.join(",")),
+        )
+        .expect("writing enabled_plugins");
         chown_rabbitmq(&dir).expect("giving the node directory to the rabbitmq user");
         let mut node = Self {
             name,
@@ -100,6 +118,11 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The node's directory (its config, data, logs, and files `start_with` wrote).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// The AMQP URL of the node's default vhost, as guest.

@@ -173,6 +173,10 @@ async fn exec_runs_allow_listed_programs_with_argv_and_stdin_and_nothing_else() 
         ("FLEET_CONSUMER__EXEC__PROGRAMS__ECHO", "/bin/echo"),
         ("FLEET_CONSUMER__EXEC__PROGRAMS__CAT", "/bin/cat"),
         ("FLEET_CONSUMER__EXEC__PROGRAMS__ENV", "/usr/bin/env"),
+        ("FLEET_CONSUMER__EXEC__PROGRAMS__SLEEP", "/bin/sleep"),
+        ("FLEET_CONSUMER__EXEC__TIMEOUT_MS", "300"),
+        ("FLEET_CONSUMER__EXEC__MAX_OUTPUT_BYTES", "1000"),
+        ("FLEET_CONSUMER__KINDS__EXEC__MAX_ATTEMPTS", "1"),
     ]);
     let collector = Service::collector(&settings);
     let consumer = Service::builtin_consumer(&settings);
@@ -225,6 +229,26 @@ async fn exec_runs_allow_listed_programs_with_argv_and_stdin_and_nothing_else() 
         error.message
     );
     assert!(!marker.exists(), "nothing ran");
+
+    let big = run(json!({ "program": "cat", "stdin": "x".repeat(200_000) })).await;
+    let out = big.output.expect("output");
+    assert_eq!(
+        out["stdout"].as_str().map(str::len),
+        Some(1000),
+        "output capped"
+    );
+    assert_eq!(out["truncated"], true);
+
+    let started = std::time::Instant::now();
+    let slow = run(json!({ "program": "sleep", "args": ["5"] })).await;
+    assert_eq!((slow.status, slow.attempts), (Status::Failed, 1));
+    let error = slow.error.expect("why");
+    assert_eq!(error.kind, "timeout");
+    assert!(error.message.contains("was killed"), "{}", error.message);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "killed, not waited for"
+    );
 
     let _ = connection.close(200, "done".into()).await;
     consumer.stop().await.expect("consumer drains cleanly");
@@ -300,7 +324,10 @@ async fn a_handler_failing_retryably_twice_then_succeeding_gives_one_ok_result_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_batches_and_tasks_are_read_back_from_the_collector_and_bad_json_is_400() {
     let vhost = Vhost::new();
-    let settings = vhost.settings(&[]);
+    let settings = vhost.settings(&[
+        ("FLEET_PRODUCER__MAX_BATCH", "50"),
+        ("FLEET_PRODUCER__MAX_BODY_BYTES", "20000"),
+    ]);
     let collector = Service::collector(&settings);
     let consumer = Service::builtin_consumer(&settings);
     let api = Service::producer_api(&settings);
@@ -414,6 +441,26 @@ async fn http_batches_and_tasks_are_read_back_from_the_collector_and_bad_json_is
         .await
         .expect("POST");
     assert_eq!(malformed.status(), 400);
+
+    // Caps: more tasks than producer.max_batch is a 400; a body over max_body_bytes a 413.
+    let many = json!({ "kind": "square", "payloads": vec![json!({ "n": 1 }); 51] });
+    let response = http
+        .post(format!("{base}/v1/batches"))
+        .json(&many)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.expect("errors are JSON");
+    assert_eq!(error["error"], "`payloads` must hold 1 to 50 payloads");
+    let huge = json!({ "kind": "square", "payload": { "pad": "x".repeat(30_000) } });
+    let response = http
+        .post(format!("{base}/v1/tasks"))
+        .json(&huge)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 413);
 
     api.stop().await.expect("API stops cleanly");
     consumer.stop().await.expect("consumer drains cleanly");

@@ -103,7 +103,7 @@ impl Outgoing {
         }
     }
 
-    /// A result for `fleet.results`.
+    /// A result for exchange `fleet.results` (routing key = kind, for tracing only).
     pub fn result(result: &TaskResult) -> Self {
         let mut properties = BasicProperties::default()
             .with_message_id(result.task_id.as_str().into())
@@ -115,14 +115,14 @@ impl Outgoing {
             properties = properties.with_correlation_id(batch.as_str().into());
         }
         Self {
-            exchange: String::new(),
-            routing_key: topology::RESULTS_QUEUE.to_owned(),
+            exchange: topology::RESULTS_EXCHANGE.to_owned(),
+            routing_key: result.kind.clone(),
             body: envelope::encode(result),
             properties,
         }
     }
 
-    /// A batch manifest for `fleet.results`.
+    /// A batch manifest for exchange `fleet.batches`.
     pub fn manifest(manifest: &BatchManifest) -> Self {
         let properties = BasicProperties::default()
             .with_type(envelope::BATCH_TYPE.into())
@@ -131,8 +131,8 @@ impl Outgoing {
             .with_timestamp(now_secs())
             .with_app_id(APP_ID.into());
         Self {
-            exchange: String::new(),
-            routing_key: topology::RESULTS_QUEUE.to_owned(),
+            exchange: topology::BATCHES_EXCHANGE.to_owned(),
+            routing_key: manifest.kind.clone(),
             body: envelope::encode(manifest),
             properties,
         }

@@ -4,8 +4,15 @@
 //! ```text
 //! fleet.tasks (topic) --#--> fleet.tasks.default --(reject / delivery limit)--> fleet.dead (fanout) -> fleet.dead
 //! fleet.retry (headers, fleet-delay-ms=<ms>) -> fleet.retry.<ms>ms --(TTL expires)--> fleet.tasks, same routing key
-//! (default exchange) -> fleet.results  (single active consumer: the collector)
+//! fleet.results (fanout, results from consumers) ---\
+//!                                                     >--> fleet.results  (single active consumer: the collector)
+//! fleet.batches (fanout, manifests from producers) ---/
 //! ```
+//!
+//! Results and manifests have exchanges of their own (rather than the default exchange) so that
+//! write permission can be granted per role: a producer may write `fleet.tasks` and
+//! `fleet.batches` but not results, a consumer `fleet.results` but not manifests; nobody but an
+//! admin needs `amq.default`, which reaches every queue.
 
 use crate::settings::{QueueType, Settings};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -24,6 +31,10 @@ pub const DEAD_QUEUE: &str = "fleet.dead";
 pub const RETRY_EXCHANGE: &str = "fleet.retry";
 /// Results and batch manifests, consumed by the collector.
 pub const RESULTS_QUEUE: &str = "fleet.results";
+/// Consumers publish results here (fanout to [`RESULTS_QUEUE`]).
+pub const RESULTS_EXCHANGE: &str = "fleet.results";
+/// Producers publish batch manifests here (fanout to [`RESULTS_QUEUE`]).
+pub const BATCHES_EXCHANGE: &str = "fleet.batches";
 
 /// The delay queue holding retries that wait `delay_ms`.
 pub fn retry_queue(delay_ms: u64) -> String {
@@ -182,5 +193,24 @@ pub async fn declare(channel: &Channel, all: &Settings) -> lapin::Result<()> {
             ]),
         )
         .await?;
+    for source in [RESULTS_EXCHANGE, BATCHES_EXCHANGE] {
+        channel
+            .exchange_declare(
+                source.into(),
+                ExchangeKind::Fanout,
+                exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                RESULTS_QUEUE.into(),
+                source.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     Ok(())
 }

@@ -509,3 +509,73 @@ async fn a_retry_waits_in_exactly_one_delay_queue() {
     assert_eq!(count(topology::WORK_QUEUE.to_owned()).await, 0);
     let _ = connection.close(200, "done".into()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_and_manifests_count_only_from_their_own_exchange() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let collector = Service::collector(&settings);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    let result = |id: &str| TaskResult {
+        v: envelope::VERSION,
+        task_id: id.to_owned(),
+        batch: Some("forged".to_owned()),
+        kind: "square".to_owned(),
+        status: Status::Ok,
+        output: Some(json!({ "n": 1, "square": 1 })),
+        error: None,
+        attempts: 1,
+        worker: "nowhere/0/0".to_owned(),
+        started_at: chrono::Utc::now(),
+        finished_at: chrono::Utc::now(),
+    };
+    let mut forged = Outgoing::result(&result("forged-1"));
+    forged.exchange = topology::BATCHES_EXCHANGE.to_owned();
+    let mut wrong_manifest = Outgoing::manifest(&fleet_shared::envelope::BatchManifest::new(
+        "forged".into(),
+        1,
+        "square".into(),
+    ));
+    wrong_manifest.exchange = topology::RESULTS_EXCHANGE.to_owned();
+    let genuine = Outgoing::result(&result("genuine-1"));
+    publisher
+        .publish_all(vec![forged, wrong_manifest, genuine])
+        .await
+        .expect("published");
+    let _ = connection.close(200, "done".into()).await;
+
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    eventually("the genuine result", Duration::from_secs(30), || async {
+        client.task("genuine-1").await.ok().flatten()
+    })
+    .await;
+    let dead = eventually("two dead letters", Duration::from_secs(30), || async {
+        let dead = drain_dead(&settings).await;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    let mut reasons: Vec<String> = dead.into_iter().map(|(r, _)| r).collect();
+    reasons.extend(drain_dead(&settings).await.into_iter().map(|(r, _)| r));
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "a batch manifest arrived through exchange `fleet.results`; only `fleet.batches` may carry one",
+            "a result arrived through exchange `fleet.batches`; only `fleet.results` may carry one",
+        ]
+    );
+    assert!(
+        client.task("forged-1").await.expect("ask").is_none(),
+        "not stored"
+    );
+    assert!(
+        client
+            .batch("forged")
+            .await
+            .expect("ask")
+            .is_some_and(|b| b.total.is_none())
+    );
+    collector.stop().await.expect("collector drains cleanly");
+}

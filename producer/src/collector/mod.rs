@@ -9,7 +9,7 @@ pub mod http;
 pub mod store;
 
 use anyhow::Context as _;
-use fleet_shared::envelope::{self, HEADER_ERROR};
+use fleet_shared::envelope::{self, HEADER_ERROR, ResultMessage};
 use fleet_shared::publisher::{Outgoing, Publisher, header_str};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::redact;
@@ -193,8 +193,26 @@ enum Flush {
     Broker(anyhow::Error),
 }
 
+/// Accepts a result only from `fleet.results` and a manifest only from `fleet.batches` (or from
+/// the default exchange, which only an admin may write), so a producer cannot forge results nor
+/// a consumer manifests.
+fn admit(exchange: &str, message: ResultMessage) -> Result<ResultMessage, String> {
+    let (what, allowed) = match &message {
+        ResultMessage::Result(_) => ("result", topology::RESULTS_EXCHANGE),
+        ResultMessage::Manifest(_) => ("batch manifest", topology::BATCHES_EXCHANGE),
+    };
+    if exchange == allowed || exchange.is_empty() {
+        Ok(message)
+    } else {
+        Err(format!(
+            "a {what} arrived through exchange `{exchange}`; only `{allowed}` may carry one"
+        ))
+    }
+}
+
 /// Stores a group in one transaction, then acks all of it with one multiple-ack.
-/// Undecodable messages are dead-lettered (confirmed) before the ack covers them.
+/// Undecodable messages, and results or manifests from the wrong exchange, are dead-lettered
+/// (confirmed) before the ack covers them.
 async fn flush(
     writer: &Arc<Mutex<Store>>,
     dead: &Publisher,
@@ -205,11 +223,13 @@ async fn flush(
     }
     let mut messages = Vec::with_capacity(group.len());
     for delivery in group.iter() {
-        match envelope::decode_result(&delivery.data) {
+        let admitted = envelope::decode_result(&delivery.data)
+            .map_err(|e| e.to_string())
+            .and_then(|message| admit(delivery.exchange.as_str(), message));
+        match admitted {
             Ok(message) => messages.push(message),
-            Err(error) => {
-                let reason = error.to_string();
-                tracing::warn!(%reason, "dead-lettering an undecodable result");
+            Err(reason) => {
+                tracing::warn!(%reason, "dead-lettering a message on the result path");
                 dead.publish(Outgoing::forward(
                     topology::DEAD_EXCHANGE,
                     topology::RESULTS_QUEUE,

@@ -5,6 +5,7 @@
 //! - [`client`]: a client of the collector's read API (`submit --wait`, `demo`).
 //! - [`dlq`]: list, replay and purge dead letters (`dlq`).
 //! - [`demo`]: the seed's task_master.py: ten random `square` tasks, results printed as they come.
+//! - [`setup`]: the admin step that declares the topology (`setup`).
 //! - [`problem`]: the JSON error answer of both HTTP APIs.
 //! - [`collector`]: the `fleet-collector` service: results into SQLite, and its read API.
 
@@ -14,4 +15,5 @@ pub mod collector;
 pub mod demo;
 pub mod dlq;
 pub mod problem;
+pub mod setup;
 pub mod submit;

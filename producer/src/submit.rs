@@ -159,9 +159,7 @@ pub async fn connect_publisher(
     let publisher = Publisher::new(&connection, settings.amqp.publish_window)
         .await
         .context("opening a publish channel")?;
-    topology::declare(publisher.channel(), settings)
-        .await
-        .context("declaring topology")?;
+    topology::ensure(&connection, settings).await?;
     Ok((connection, publisher))
 }
 

@@ -220,13 +220,11 @@ async fn start_consuming(
     queue: &str,
     prefetch: u16,
 ) -> anyhow::Result<Subscription> {
+    topology::ensure(&connection, settings).await?;
     let channel = connection
         .create_channel()
         .await
         .context("opening a channel")?;
-    topology::declare(&channel, settings)
-        .await
-        .context("declaring topology")?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await

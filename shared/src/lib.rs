@@ -6,6 +6,7 @@
 //! - [`envelope`]: the v1 wire contract: task, result and batch manifest, bytes <-> types.
 //! - [`topology`]: every exchange and queue name, declared idempotently.
 //! - [`amqp`]: connecting (credentials from files, refusals mapped to exit code 3).
+//! - [`roles`]: the broker permissions of each role (admin, producer, consumer, collector).
 //! - [`publisher`]: a confirmed, mandatory, persistent publisher with a window of confirms in flight.
 //! - [`error`]: the error types callers match on and the process exit codes.
 //! - [`cli`]: the few lines every binary's `main` shares.
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod envelope;
 pub mod error;
 pub mod publisher;
+pub mod roles;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,5 +1,7 @@
 //! Every exchange and queue name fleet uses, and their idempotent declaration
-//! (DESIGN.md "Topology"). Every service calls [`declare`] at start.
+//! (DESIGN.md "Topology"). Every service calls [`ensure`] at start: it declares the topology, or,
+//! when its broker user has no configure permission (least privilege), checks that an admin
+//! declared it (`fleet-producer setup`).
 //!
 //! ```text
 //! fleet.tasks (topic) --#--> fleet.tasks.default --(reject / delivery limit)--> fleet.dead (fanout) -> fleet.dead
@@ -15,9 +17,11 @@
 //! admin needs `amq.default`, which reaches every queue.
 
 use crate::settings::{QueueType, Settings};
+use anyhow::Context as _;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 /// Tasks are published here with routing key = task kind.
 pub const TASKS_EXCHANGE: &str = "fleet.tasks";
@@ -210,6 +214,89 @@ pub async fn declare(channel: &Channel, all: &Settings) -> lapin::Result<()> {
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Who declared the topology a service found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    /// This service did (its user may configure).
+    Here,
+    /// An admin did; this service's user may not configure, and checked it all exists.
+    ByAdmin,
+}
+
+/// Declares the topology on a channel of its own; if the broker refuses (no configure
+/// permission), checks on another channel that every exchange and queue exists.
+///
+/// Fails when declaring fails for another reason, or when something is missing and this user
+/// may not create it (the message says to run `fleet-producer setup` as an admin).
+pub async fn ensure(connection: &Connection, settings: &Settings) -> anyhow::Result<Declared> {
+    let channel = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    match declare(&channel, settings).await {
+        Ok(()) => {
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(Declared::Here)
+        }
+        Err(error) if access_refused(&error) => {
+            let checking = connection
+                .create_channel()
+                .await
+                .context("opening a channel")?;
+            check(&checking, settings).await.with_context(|| {
+                format!(
+                    "this user may not declare the topology ({error}) and it is not all there: \
+                     run `fleet-producer setup` as an admin"
+                )
+            })?;
+            let _ = checking.close(200, "checked".into()).await;
+            Ok(Declared::ByAdmin)
+        }
+        Err(error) => Err(anyhow::Error::new(error).context("declaring topology")),
+    }
+}
+
+fn access_refused(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e)
+            if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
+    )
+}
+
+/// Passive declares of every exchange and queue (they need no permission).
+async fn check(channel: &Channel, settings: &Settings) -> lapin::Result<()> {
+    let passive_exchange = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    for (name, kind) in [
+        (TASKS_EXCHANGE, ExchangeKind::Topic),
+        (DEAD_EXCHANGE, ExchangeKind::Fanout),
+        (RETRY_EXCHANGE, ExchangeKind::Headers),
+        (RESULTS_EXCHANGE, ExchangeKind::Fanout),
+        (BATCHES_EXCHANGE, ExchangeKind::Fanout),
+    ] {
+        channel
+            .exchange_declare(name.into(), kind, passive_exchange, FieldTable::default())
+            .await?;
+    }
+    let passive_queue = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queues = [WORK_QUEUE, DEAD_QUEUE, RESULTS_QUEUE]
+        .map(str::to_owned)
+        .into_iter()
+        .chain(settings.all_retry_delays().into_iter().map(retry_queue));
+    for name in queues {
+        channel
+            .queue_declare(name.as_str().into(), passive_queue, FieldTable::default())
             .await?;
     }
     Ok(())

@@ -42,6 +42,8 @@ enum Command {
     Serve,
     /// The seed's task_master.py: ten random `square` tasks, results printed as they arrive.
     Demo,
+    /// Declare every exchange and queue (an admin step; services then need no configure right).
+    Setup,
     /// Dead letters in fleet.dead: list, replay or purge them.
     Dlq {
         #[command(subcommand)]
@@ -132,6 +134,7 @@ fn main() -> ExitCode {
         }
         Command::Serve => fleet_shared::cli::run(settings, fleet_producer::api::serve),
         Command::Demo => fleet_shared::cli::run(settings, fleet_producer::demo::run),
+        Command::Setup => fleet_shared::cli::run(settings, |s, _| fleet_producer::setup::run(s)),
         Command::Dlq { command } => fleet_shared::cli::run(settings, |s, _| run_dlq(s, command)),
     }
 }

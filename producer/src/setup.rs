@@ -1,0 +1,36 @@
+//! `fleet-producer setup`: the admin step that declares the whole topology, so that the
+//! services' own broker users need no configure permission.
+
+use anyhow::Context as _;
+use fleet_shared::settings::Settings;
+use fleet_shared::{amqp, topology};
+
+/// Declares every exchange, queue and binding (with the retry delays of every kind in
+/// `settings`). Safe to run again.
+///
+/// Fails when the broker cannot be reached, refuses us, or refuses a declaration (this user may
+/// not configure, or a queue exists with other arguments).
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let connection = amqp::connect(&settings, "fleet-producer-setup").await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    topology::declare(&channel, &settings)
+        .await
+        .context("declaring the topology (this needs a user that may configure fleet's names)")?;
+    let _ = connection.close(200, "set up".into()).await;
+    println!(
+        "topology declared: exchanges {}, {}, {}, {}, {}; queues {}, {}, {} and {} delay queues",
+        topology::TASKS_EXCHANGE,
+        topology::RETRY_EXCHANGE,
+        topology::DEAD_EXCHANGE,
+        topology::RESULTS_EXCHANGE,
+        topology::BATCHES_EXCHANGE,
+        topology::WORK_QUEUE,
+        topology::DEAD_QUEUE,
+        topology::RESULTS_QUEUE,
+        settings.all_retry_delays().len()
+    );
+    Ok(())
+}

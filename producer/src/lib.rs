@@ -4,6 +4,7 @@
 //! - [`api`]: the producer's HTTP API (`serve`), publishing through a deadpool-lapin pool.
 //! - [`client`]: a client of the collector's read API (`submit --wait`, `demo`).
 //! - [`dlq`]: list, replay and purge dead letters (`dlq`).
+//! - [`definitions`]: RabbitMQ definitions with a user per role and fresh passwords.
 //! - [`demo`]: the seed's task_master.py: ten random `square` tasks, results printed as they come.
 //! - [`setup`]: the admin step that declares the topology (`setup`).
 //! - [`problem`]: the JSON error answer of both HTTP APIs.
@@ -12,6 +13,7 @@
 pub mod api;
 pub mod client;
 pub mod collector;
+pub mod definitions;
 pub mod demo;
 pub mod dlq;
 pub mod problem;

@@ -248,3 +248,92 @@ async fn the_fleet_runs_with_each_service_as_its_own_role() {
         .await
         .expect("collector drains cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_definitions_load_into_a_broker_and_their_passwords_work() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let node = fleet_tests::node::Node::start();
+    let out = node.dir().join("generated");
+    let output = std::process::Command::new(fleet_tests::process::binary("fleet-producer"))
+        .args(["definitions", "--out", out.to_str().expect("utf-8")])
+        .env_clear()
+        .output()
+        .expect("running fleet-producer definitions");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let definitions = std::fs::read_to_string(out.join("definitions.json")).expect("definitions");
+    let password = |role: &Role| {
+        let path = out.join(format!("fleet-{}.password", role.name));
+        let mode = std::fs::metadata(&path)
+            .expect("password file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{} is private", path.display());
+        (
+            path.clone(),
+            std::fs::read_to_string(&path)
+                .expect("password")
+                .trim()
+                .to_owned(),
+        )
+    };
+    for role in roles::ALL {
+        let (_, secret) = password(&role);
+        assert!(secret.len() >= 32, "a long random password");
+        assert!(
+            !definitions.contains(&secret),
+            "only hashes in the definitions"
+        );
+    }
+    // rabbitmqctl runs as the rabbitmq user: let it read the file.
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(
+        out.join("definitions.json"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    node.ctl(&[
+        "import_definitions",
+        out.join("definitions.json").to_str().expect("utf-8"),
+    ])
+    .expect("the broker imports the definitions");
+
+    let settings_as = |role: &Role, password_file: &std::path::Path| {
+        let url = format!(
+            "amqp://fleet-{}@127.0.0.1:{}/{}",
+            role.name,
+            node.port,
+            fleet_producer::definitions::VHOST
+        );
+        settings_of(&fleet_tests::fleet_env(
+            &url,
+            node.dir(),
+            &[(
+                "FLEET_AMQP__PASSWORD_FILE",
+                password_file.to_str().expect("utf-8"),
+            )],
+        ))
+    };
+    let (admin_file, _) = password(&roles::ADMIN);
+    fleet_producer::setup::run(settings_as(&roles::ADMIN, &admin_file))
+        .await
+        .expect("the generated admin declares the topology");
+    let (consumer_file, _) = password(&roles::CONSUMER);
+    let consumer = settings_as(&roles::CONSUMER, &consumer_file);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let subscribed =
+        fleet_shared::amqp::subscribe(&consumer, "test", topology::WORK_QUEUE, 1, &shutdown)
+            .await
+            .expect("the generated consumer consumes")
+            .expect("not shut down");
+    subscribed.close().await;
+    // Another role's password is refused.
+    let (producer_file, _) = password(&roles::PRODUCER);
+    let error = fleet_shared::amqp::connect(&settings_as(&roles::CONSUMER, &producer_file), "test")
+        .await
+        .expect_err("the wrong password");
+    assert!(error.is::<fleet_shared::error::AuthError>(), "{error:#}");
+}

@@ -44,6 +44,13 @@ enum Command {
     Demo,
     /// Declare every exchange and queue (an admin step; services then need no configure right).
     Setup,
+    /// Write RabbitMQ definitions (vhost `fleet`, a user per role, fresh hashed passwords) and a
+    /// password file per user into DIR.
+    Definitions {
+        /// Where to write them.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Dead letters in fleet.dead: list, replay or purge them.
     Dlq {
         #[command(subcommand)]
@@ -134,6 +141,13 @@ fn main() -> ExitCode {
         }
         Command::Serve => fleet_shared::cli::run(settings, fleet_producer::api::serve),
         Command::Demo => fleet_shared::cli::run(settings, fleet_producer::demo::run),
+        Command::Definitions { out } => match fleet_producer::definitions::write(&out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::from(fleet_shared::error::EXIT_RUNTIME)
+            }
+        },
         Command::Setup => fleet_shared::cli::run(settings, |s, _| fleet_producer::setup::run(s)),
         Command::Dlq { command } => fleet_shared::cli::run(settings, |s, _| run_dlq(s, command)),
     }

@@ -83,9 +83,11 @@ pub struct AmqpSettings {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM (PKCS#8) private key of `tls_cert_file`. Env `FLEET_AMQP__TLS_KEY_FILE`.
     pub tls_key_file: Option<PathBuf>,
-    /// Password read from `password_file` or the systemd credential; never printed.
+    /// Where the password is read from (`password_file` or the systemd credential), with the
+    /// setting that named it; read again on every connection, so a rotated password is picked
+    /// up by the next reconnect.
     #[serde(skip)]
-    password: Option<Secret>,
+    password_source: Option<(&'static str, PathBuf)>,
 }
 
 /// Queue type of the work, dead-letter and result queues.
@@ -337,7 +339,7 @@ impl Settings {
         );
         let config = builder.build().map_err(from_config_error)?;
         let mut settings: Settings = config.try_deserialize().map_err(from_config_error)?;
-        settings.amqp.password = read_password(&settings.amqp, &env)?;
+        settings.amqp.password_source = password_source(&settings.amqp, &env);
         if let Some(path) = &settings.producer.token_file {
             settings.producer.token = Some(first_line("producer.token_file", path)?);
         }
@@ -457,7 +459,7 @@ impl Settings {
         Ok(())
     }
 
-    /// The broker URI with the password from the password file applied.
+    /// The broker URI with the password from the password file (read now) applied.
     ///
     /// Fails when `amqp.url` is not an AMQP URI.
     pub fn amqp_uri(&self) -> Result<AMQPUri, SettingsError> {
@@ -466,8 +468,8 @@ impl Settings {
             .url
             .parse()
             .map_err(|e: String| SettingsError::new("amqp.url", e))?;
-        if let Some(password) = &self.amqp.password {
-            uri.authority.userinfo.password = password.expose().to_owned();
+        if let Some((key, path)) = &self.amqp.password_source {
+            uri.authority.userinfo.password = first_line(key, path)?.expose().to_owned();
         }
         // A `?heartbeat=` in the URL wins over the setting.
         uri.query.heartbeat.get_or_insert(self.amqp.heartbeat_secs);
@@ -562,19 +564,20 @@ fn some_delays<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u64>
     delays(d).map(Some)
 }
 
-fn read_password(
+/// Where the broker password comes from: `amqp.password_file`, else the systemd credential.
+/// (`validate` reads it once, so a missing or empty file fails at start, naming the key.)
+fn password_source(
     amqp: &AmqpSettings,
     env: &std::collections::HashMap<String, String>,
-) -> Result<Option<Secret>, SettingsError> {
-    let (key, path) = match (&amqp.password_file, env.get("CREDENTIALS_DIRECTORY")) {
-        (Some(path), _) => ("amqp.password_file", path.clone()),
-        (None, Some(dir)) if Path::new(dir).join(CREDENTIAL_NAME).is_file() => (
+) -> Option<(&'static str, PathBuf)> {
+    match (&amqp.password_file, env.get("CREDENTIALS_DIRECTORY")) {
+        (Some(path), _) => Some(("amqp.password_file", path.clone())),
+        (None, Some(dir)) if Path::new(dir).join(CREDENTIAL_NAME).is_file() => Some((
             "CREDENTIALS_DIRECTORY",
             Path::new(dir).join(CREDENTIAL_NAME),
-        ),
-        _ => return Ok(None),
-    };
-    first_line(key, &path).map(Some)
+        )),
+        _ => None,
+    }
 }
 
 /// The first line of the secret file at `path`; an unreadable or empty file is an error naming

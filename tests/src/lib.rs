@@ -63,30 +63,20 @@ impl User {
     /// # Panics
     /// When rabbitmqctl fails.
     pub fn new() -> Self {
-        use std::io::Write as _;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("fleet-user-{}", &id[..12]);
         let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
-        let mut child = Command::new("rabbitmqctl")
-            .args(["add_user", &name])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("running rabbitmqctl add_user");
-        child
-            .stdin
-            .take()
-            .expect("a stdin pipe")
-            .write_all(format!("{password}\n").as_bytes())
-            .expect("writing the password to rabbitmqctl");
-        let output = child.wait_with_output().expect("rabbitmqctl add_user");
-        assert!(
-            output.status.success(),
-            "rabbitmqctl add_user failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        with_password_on_stdin(&["add_user", &name], &password);
         Self { name, password }
+    }
+
+    /// Gives the user a new random password (the broker's, not any file's).
+    ///
+    /// # Panics
+    /// When rabbitmqctl fails.
+    pub fn change_password(&mut self) {
+        self.password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+        with_password_on_stdin(&["change_password", &self.name], &self.password);
     }
 
     /// Grants the user configure, write and read patterns on `vhost`.
@@ -105,6 +95,37 @@ impl User {
         ])
         .expect("rabbitmqctl set_permissions");
     }
+}
+
+fn with_password_on_stdin(args: &[&str], password: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("rabbitmqctl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running rabbitmqctl");
+    child
+        .stdin
+        .take()
+        .expect("a stdin pipe")
+        .write_all(format!("{password}\n").as_bytes())
+        .expect("writing the password to rabbitmqctl");
+    let output = child.wait_with_output().expect("rabbitmqctl");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs `rabbitmqctl args...` on the shared broker.
+///
+/// # Panics
+/// When it fails.
+pub fn ctl(args: &[&str]) {
+    rabbitmqctl(args).expect("rabbitmqctl");
 }
 
 impl Default for User {

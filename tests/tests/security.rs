@@ -180,3 +180,63 @@ async fn the_http_api_wants_its_bearer_token_when_one_is_configured() {
     assert_eq!(response.status(), 202);
     api.stop().await.expect("the API stops cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_password_is_picked_up_by_the_next_reconnect() {
+    let vhost = Vhost::new();
+    let mut user = User::new();
+    user.permit(&vhost.name, ".*", ".*", ".*");
+    let password_file = vhost.dir.join("amqp-password");
+    std::fs::write(&password_file, format!("{}\n", user.password)).expect("password file");
+    let url = format!(
+        "amqp://{}@{}/{}",
+        user.name,
+        fleet_tests::broker_host(),
+        vhost.name
+    );
+    let env = vhost.env(&[
+        ("FLEET_AMQP__URL", &url),
+        (
+            "FLEET_AMQP__PASSWORD_FILE",
+            password_file.to_str().expect("utf-8"),
+        ),
+    ]);
+    let settings = settings_of(&env);
+    let consumer = Process::spawn("fleet-consumer", &[], &env);
+    let collector = fleet_tests::Service::collector(&settings);
+    let squares = |n: i64| {
+        let settings = settings.clone();
+        async move {
+            let fleet_producer::submit::Batch { receipt, messages } = fleet_producer::submit::batch(
+                "square",
+                (0..n).map(|i| serde_json::json!({ "n": i })).collect(),
+            );
+            fleet_producer::submit::publish_reliably(&settings, "test", messages)
+                .await
+                .expect("published");
+            receipt
+        }
+    };
+    let client = fleet_producer::client::CollectorClient::new(&settings.producer.collector_url);
+    let first = squares(20).await;
+    fleet_tests::complete(&client, &first.batch, Duration::from_secs(30)).await;
+
+    // Rotate: new password in the broker and in the file, then cut the user's connections.
+    user.change_password();
+    std::fs::write(&password_file, format!("{}\n", user.password)).expect("new password");
+    fleet_tests::ctl(&[
+        "close_all_user_connections",
+        &user.name,
+        "credential rotated",
+    ]);
+    let second = squares(20).await;
+    let status = fleet_tests::complete(&client, &second.batch, Duration::from_secs(30)).await;
+    assert_eq!(
+        status.ok, 20,
+        "the consumer came back with the new password"
+    );
+    let mut consumer = consumer;
+    assert!(consumer.is_running());
+    assert!(consumer.terminate(Duration::from_secs(30)).success());
+    collector.stop().await.expect("collector drains cleanly");
+}

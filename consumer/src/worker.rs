@@ -29,6 +29,8 @@ pub struct Worker {
     identity: String,
     shutdown: CancellationToken,
     settled: AtomicU64,
+    /// The broker user this consumer publishes as, to recognise its own retries.
+    own_user: Option<String>,
 }
 
 /// Why a delivery could not be settled; it stays unacked and the broker redelivers it.
@@ -52,6 +54,7 @@ impl Worker {
         shutdown: CancellationToken,
     ) -> Result<Self, rayon::ThreadPoolBuildError> {
         let workers = settings.consumer.workers;
+        let own_user = settings.broker_user();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(workers)
             .thread_name(|i| format!("fleet-worker-{i}"))
@@ -69,6 +72,7 @@ impl Worker {
             settings,
             shutdown,
             settled: AtomicU64::new(0),
+            own_user,
         })
     }
 
@@ -97,24 +101,26 @@ impl Worker {
     }
 
     async fn process(&self, delivery: &Delivery, publisher: &Publisher) -> Result<(), SettleError> {
+        let who = published_by(delivery, self.own_user.as_deref());
+        let who = who.as_deref();
         let max = self.settings.consumer.max_message_bytes;
         if delivery.data.len() > max {
             let reason = format!(
                 "too large: {} bytes, the limit is {max}",
                 delivery.data.len()
             );
-            return dead_letter(publisher, delivery, &reason, attempt_of(delivery)).await;
+            return dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await;
         }
         let task = match envelope::decode_task(&delivery.data) {
             Ok(task) => task,
             Err(error) => {
                 let reason = error.to_string();
-                return dead_letter(publisher, delivery, &reason, attempt_of(delivery)).await;
+                return dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await;
             }
         };
         let Some(handler) = self.registry.get(&task.kind) else {
             let reason = format!("unknown kind `{}`", task.kind);
-            return dead_letter(publisher, delivery, &reason, attempt_of(delivery)).await;
+            return dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await;
         };
         let policy = self.settings.policy(&task.kind);
         let attempt = attempt_of(delivery);
@@ -197,6 +203,7 @@ impl Worker {
             worker: format!("{}/{slot}", self.identity),
             started_at,
             finished_at,
+            published_by: who.map(str::to_owned),
         };
         match disposition::decide(
             &outcome,
@@ -213,21 +220,25 @@ impl Worker {
             }
             Disposition::Retry { delay_ms } => {
                 tracing::debug!(task_id = %task.id, attempt, delay_ms, "retrying");
+                let mut headers = vec![
+                    (
+                        envelope::HEADER_ATTEMPT,
+                        AMQPValue::LongLongInt((attempt + 1).into()),
+                    ),
+                    (
+                        envelope::HEADER_DELAY,
+                        header_str(&topology::delay_key(delay_ms)),
+                    ),
+                ];
+                if let Some(who) = who {
+                    headers.push((envelope::HEADER_PUBLISHED_BY, header_str(who)));
+                }
                 let retry = Outgoing::forward(
                     topology::RETRY_EXCHANGE,
                     delivery.routing_key.as_str(),
                     delivery.data.clone(),
                     &delivery.properties,
-                    vec![
-                        (
-                            envelope::HEADER_ATTEMPT,
-                            AMQPValue::LongLongInt((attempt + 1).into()),
-                        ),
-                        (
-                            envelope::HEADER_DELAY,
-                            header_str(&topology::delay_key(delay_ms)),
-                        ),
-                    ],
+                    headers,
                 );
                 publisher.publish(retry).await?;
                 ack(delivery).await
@@ -244,7 +255,7 @@ impl Worker {
                 publisher
                     .publish(Outgoing::result(&result(Status::Failed, None, error)))
                     .await?;
-                dead_letter(publisher, delivery, &reason, attempt + 1).await
+                dead_letter(publisher, delivery, &reason, attempt + 1, who).await
             }
         }
     }
@@ -293,28 +304,33 @@ async fn dead_letter(
     delivery: &Delivery,
     reason: &str,
     attempts: u32,
+    who: Option<&str>,
 ) -> Result<(), SettleError> {
     tracing::warn!(message_id = ?delivery.properties.message_id(), %reason, "dead-lettering");
+    let mut headers = vec![
+        (envelope::HEADER_ERROR, header_str(reason)),
+        (
+            envelope::HEADER_ROUTING_KEY,
+            header_str(delivery.routing_key.as_str()),
+        ),
+        (
+            envelope::HEADER_ATTEMPT,
+            AMQPValue::LongLongInt(attempts.into()),
+        ),
+        (
+            envelope::HEADER_DEAD_AT,
+            AMQPValue::Timestamp(u64::try_from(Utc::now().timestamp()).unwrap_or_default()),
+        ),
+    ];
+    if let Some(who) = who {
+        headers.push((envelope::HEADER_PUBLISHED_BY, header_str(who)));
+    }
     let copy = Outgoing::forward(
         topology::DEAD_EXCHANGE,
         delivery.routing_key.as_str(),
         delivery.data.clone(),
         &delivery.properties,
-        vec![
-            (envelope::HEADER_ERROR, header_str(reason)),
-            (
-                envelope::HEADER_ROUTING_KEY,
-                header_str(delivery.routing_key.as_str()),
-            ),
-            (
-                envelope::HEADER_ATTEMPT,
-                AMQPValue::LongLongInt(attempts.into()),
-            ),
-            (
-                envelope::HEADER_DEAD_AT,
-                AMQPValue::Timestamp(u64::try_from(Utc::now().timestamp()).unwrap_or_default()),
-            ),
-        ],
+        headers,
     );
     publisher.publish(copy).await?;
     ack(delivery).await
@@ -363,6 +379,27 @@ async fn ack(delivery: &Delivery) -> Result<(), SettleError> {
         .await
         .map(drop)
         .map_err(SettleError::Ack)
+}
+
+/// Who published the task, as far as the broker vouches for it: the AMQP `user_id` (the broker
+/// refuses a `user_id` other than the publisher's login), or, when that is this consumer's own
+/// user (a retry it republished), the `x-fleet-published-by` it recorded then. `None` when the
+/// publisher set no `user_id`.
+pub fn published_by(delivery: &Delivery, own_user: Option<&str>) -> Option<String> {
+    let user = delivery.properties.user_id().as_ref()?.as_str();
+    if Some(user) != own_user {
+        return Some(user.to_owned());
+    }
+    match delivery
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(envelope::HEADER_PUBLISHED_BY)?
+    {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
 }
 
 /// The `x-fleet-attempt` header: attempts before this delivery (0 when absent).

@@ -28,6 +28,7 @@ struct App {
     window: usize,
     max_batch: usize,
     token: Option<Secret>,
+    user: Option<String>,
 }
 
 /// `POST /v1/tasks` body.
@@ -88,6 +89,7 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         window: settings.amqp.publish_window,
         max_batch: settings.producer.max_batch,
         token: settings.producer.token.clone(),
+        user: settings.broker_user(),
     };
     axum::serve(listener, router(app, settings.producer.max_body_bytes))
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -162,7 +164,8 @@ impl App {
             .map_err(|e| {
                 tracing::warn!(error = %e, "cannot open a channel");
                 unavailable()
-            })?;
+            })?
+            .identified_as(self.user.clone());
         let channel = publisher.channel().clone();
         let outcome = publish(publisher).await;
         let _ = channel.close(200, "done".into()).await;

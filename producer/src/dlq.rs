@@ -13,7 +13,7 @@ use crate::submit::connect_publisher;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use fleet_shared::envelope::{self, HEADER_ATTEMPT, HEADER_DEAD_AT, HEADER_ERROR};
-use fleet_shared::publisher::{Outgoing, Publisher, task_headers};
+use fleet_shared::publisher::{Outgoing, Publisher, task_headers, without_user_id};
 use fleet_shared::settings::Settings;
 use fleet_shared::topology;
 use lapin::message::BasicGetMessage;
@@ -232,7 +232,8 @@ pub async fn replay(settings: &Settings, select: &Select) -> anyhow::Result<u64>
                     exchange: exchange.to_owned(),
                     routing_key: routing_key.to_owned(),
                     body: delivery.data.clone(),
-                    properties: delivery.properties.clone().with_headers(headers),
+                    // Our publisher vouches with our own user_id; the consumer's would be refused.
+                    properties: without_user_id(&delivery.properties).with_headers(headers),
                 })
                 .await
                 .context("replaying a dead message")?;

@@ -158,7 +158,8 @@ pub async fn connect_publisher(
     let connection = amqp::connect(settings, name).await?;
     let publisher = Publisher::new(&connection, settings.amqp.publish_window)
         .await
-        .context("opening a publish channel")?;
+        .context("opening a publish channel")?
+        .identified_as(settings.broker_user());
     topology::ensure(&connection, settings).await?;
     Ok((connection, publisher))
 }

@@ -231,7 +231,8 @@ async fn start_consuming(
         .context("setting prefetch")?;
     let publisher = Publisher::new(&connection, settings.amqp.publish_window)
         .await
-        .context("opening the publish channel")?;
+        .context("opening the publish channel")?
+        .identified_as(settings.broker_user());
     let deliveries = channel
         .basic_consume(
             queue.into(),

@@ -10,6 +10,9 @@ pub const VERSION: u32 = 1;
 /// Header: on a task, attempts made before this delivery (0 on first publish); on a dead
 /// letter, attempts made in all.
 pub const HEADER_ATTEMPT: &str = "x-fleet-attempt";
+/// Header on tasks a consumer republishes (retries, dead letters): the broker user that
+/// published the task first, as the consumer established it from the AMQP `user_id`.
+pub const HEADER_PUBLISHED_BY: &str = "x-fleet-published-by";
 /// Header on messages fleet dead-letters: when (AMQP timestamp, seconds).
 pub const HEADER_DEAD_AT: &str = "x-fleet-dead-at";
 /// Header on dead-lettered messages: why it was dead-lettered.
@@ -105,6 +108,10 @@ pub struct TaskResult {
     pub started_at: DateTime<Utc>,
     /// When the handler finished.
     pub finished_at: DateTime<Utc>,
+    /// The broker user that published the task (its AMQP `user_id`, which the broker checks),
+    /// when it set one.
+    #[serde(default)]
+    pub published_by: Option<String>,
 }
 
 /// Published to the result path with a batch, so the collector knows its size.
@@ -249,6 +256,7 @@ mod tests {
             worker: "h/1/0".into(),
             started_at: now,
             finished_at: now,
+            published_by: None,
         };
         assert_eq!(
             decode_result(&encode(&result)).expect("decodes"),

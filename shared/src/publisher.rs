@@ -139,6 +139,10 @@ impl Outgoing {
     }
 
     /// A copy of a received message for another exchange, with `extra` headers added.
+    ///
+    /// The copy drops the AMQP `user_id` (the broker would refuse it from another user; the
+    /// forwarding publisher sets its own) and any `x-fleet-published-by` header, which only the
+    /// forwarder may vouch for: pass it in `extra`.
     pub fn forward(
         exchange: &str,
         routing_key: &str,
@@ -146,7 +150,13 @@ impl Outgoing {
         properties: &BasicProperties,
         extra: Vec<(&str, AMQPValue)>,
     ) -> Self {
-        let mut headers = properties.headers().clone().unwrap_or_default();
+        let mut kept = properties
+            .headers()
+            .as_ref()
+            .map(|h| h.inner().clone())
+            .unwrap_or_default();
+        kept.remove(envelope::HEADER_PUBLISHED_BY);
+        let mut headers = FieldTable::from(kept);
         for (k, v) in extra {
             headers.insert(ShortString::from(k), v);
         }
@@ -154,9 +164,54 @@ impl Outgoing {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
             body,
-            properties: properties.clone().with_headers(headers),
+            properties: without_user_id(properties).with_headers(headers),
         }
     }
+}
+
+/// `properties` without `user_id` (lapin has setters but no way to unset one field).
+pub fn without_user_id(p: &BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.headers() {
+        out = out.with_headers(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.expiration() {
+        out = out.with_expiration(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
 }
 
 /// A string header value.
@@ -170,6 +225,7 @@ pub struct Publisher {
     channel: Channel,
     window: Arc<Semaphore>,
     window_size: usize,
+    user: Option<ShortString>,
 }
 
 impl Publisher {
@@ -183,7 +239,16 @@ impl Publisher {
             channel,
             window: Arc::new(Semaphore::new(window)),
             window_size: window,
+            user: None,
         })
+    }
+
+    /// Sets AMQP `user_id` = `user` (the broker user this connection logged in as) on every
+    /// message, so the broker vouches for who published it. `None` leaves it unset.
+    #[must_use]
+    pub fn identified_as(mut self, user: Option<String>) -> Self {
+        self.user = user.map(|u| ShortString::from(u.as_str()));
+        self
     }
 
     /// The underlying channel.
@@ -291,7 +356,10 @@ impl Publisher {
         &self,
         message: &Outgoing,
     ) -> Result<impl Future<Output = Result<(), PublishError>> + use<>, PublishError> {
-        let properties = message.properties.clone().with_delivery_mode(2);
+        let mut properties = message.properties.clone().with_delivery_mode(2);
+        if let Some(user) = &self.user {
+            properties = properties.with_user_id(user.clone());
+        }
         let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
         let confirm = self
             .channel

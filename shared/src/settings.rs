@@ -476,6 +476,15 @@ impl Settings {
         Ok(uri)
     }
 
+    /// The broker user fleet logs in as, which its publishes carry as AMQP `user_id`; `None`
+    /// with EXTERNAL authentication (the broker takes the user from the client certificate).
+    pub fn broker_user(&self) -> Option<String> {
+        let uri = self.amqp_uri().ok()?;
+        let external = uri.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External);
+        (!external && !uri.authority.userinfo.username.is_empty())
+            .then(|| uri.authority.userinfo.username.clone())
+    }
+
     /// Prefetch count of a consumer: workers x prefetch_per_worker (validated to fit in u16).
     pub fn prefetch(&self) -> u16 {
         let n = self.consumer.workers * usize::from(self.consumer.prefetch_per_worker);

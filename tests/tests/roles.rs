@@ -24,6 +24,10 @@ struct Member {
 }
 
 fn member(vhost: &Vhost, role: Role) -> Member {
+    member_with(vhost, role, &[])
+}
+
+fn member_with(vhost: &Vhost, role: Role, extra: &[(&str, &str)]) -> Member {
     let user = User::new();
     user.permit(&vhost.name, role.configure, role.write, role.read);
     let password_file = vhost.dir.join(format!("{}-password", role.name));
@@ -34,13 +38,15 @@ fn member(vhost: &Vhost, role: Role) -> Member {
         fleet_tests::broker_host(),
         vhost.name
     );
-    let env = vhost.env(&[
-        ("FLEET_AMQP__URL", &url),
+    let mut vars = vec![
+        ("FLEET_AMQP__URL", url.as_str()),
         (
             "FLEET_AMQP__PASSWORD_FILE",
             password_file.to_str().expect("utf-8"),
         ),
-    ]);
+    ];
+    vars.extend_from_slice(extra);
+    let env = vhost.env(&vars);
     Member {
         role,
         _user: user,
@@ -210,7 +216,17 @@ async fn every_role_may_do_what_it_needs_and_nothing_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_fleet_runs_with_each_service_as_its_own_role() {
     let vhost = Vhost::new();
-    let [admin, producer, consumer, collector] = roles::ALL.map(|r| member(&vhost, r));
+    // `sleep` gets a short time limit and two attempts, so one task is retried once. The admin's
+    // setup reads the same kinds, so it declares the 100 ms delay queue they need.
+    let kinds = [
+        ("FLEET_CONSUMER__KINDS__SLEEP__TIME_LIMIT_MS", "100"),
+        ("FLEET_CONSUMER__KINDS__SLEEP__MAX_ATTEMPTS", "2"),
+        ("FLEET_CONSUMER__KINDS__SLEEP__RETRY_DELAYS_MS", "100"),
+    ];
+    let admin = member_with(&vhost, roles::ADMIN, &kinds);
+    let producer = member(&vhost, roles::PRODUCER);
+    let consumer = member_with(&vhost, roles::CONSUMER, &kinds);
+    let collector = member(&vhost, roles::COLLECTOR);
     fleet_producer::setup::run(admin.settings.clone())
         .await
         .expect("the admin declares the topology");
@@ -230,11 +246,68 @@ async fn the_fleet_runs_with_each_service_as_its_own_role() {
         .expect("the producer publishes tasks and the manifest");
     let status = complete(&client, &receipt.batch, Duration::from_secs(60)).await;
     assert_eq!((status.ok, status.failed, status.duplicates), (200, 1, 0));
+    let slow = submit::batch("sleep", vec![json!({ "ms": 5000 })]);
+    let slow_batch = slow.receipt.batch.clone();
+    submit::publish_reliably(&producer.settings, "test-producer", slow.messages)
+        .await
+        .expect("published");
+    complete(&client, &slow_batch, Duration::from_secs(60)).await;
+
+    // Every result names the producer's broker user, retried ones too: the broker checked the
+    // user_id, and the consumer carried it through the retry.
+    let producer_user = producer.settings.broker_user().expect("a user name");
+    let mut results = client.results(&receipt.batch).await.expect("results");
+    results.extend(client.results(&slow_batch).await.expect("results"));
+    assert_eq!(results.len(), 202);
+    let retried = results
+        .iter()
+        .find(|r| r.kind == "sleep")
+        .expect("the sleep task");
+    assert_eq!(retried.attempts, 2, "it was retried");
+    assert!(
+        results
+            .iter()
+            .all(|r| r.published_by.as_deref() == Some(producer_user.as_str())),
+        "published_by: {:?}",
+        results
+            .iter()
+            .map(|r| r.published_by.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+
     let dead = fleet_producer::dlq::list(&admin.settings)
         .await
         .expect("the admin lists");
-    assert_eq!(dead.len(), 1);
-    assert!(dead[0].reason.starts_with("overflow"), "{}", dead[0].reason);
+    assert_eq!(dead.len(), 2);
+    assert!(
+        dead.iter().any(|d| d.reason.starts_with("overflow")),
+        "{dead:?}"
+    );
+    assert!(
+        dead.iter().any(|d| d.reason.starts_with("timeout")),
+        "{dead:?}"
+    );
+
+    // A publisher claiming to be another user is refused by the broker.
+    let connection = fleet_shared::amqp::connect(&producer.settings, "test-forger")
+        .await
+        .expect("connect");
+    let forger = fleet_shared::publisher::Publisher::new(&connection, 8)
+        .await
+        .expect("publisher");
+    let mut forged = fleet_shared::publisher::Outgoing::task(&fleet_shared::envelope::Task::new(
+        "forged-1".into(),
+        "square".into(),
+        None,
+        json!({ "n": 1 }),
+    ));
+    forged.properties = forged.properties.with_user_id("fleet-admin".into());
+    let refused = forger.publish(forged).await.expect_err("a forged user_id");
+    assert!(
+        format!("{refused:?}").contains("PRECONDITION"),
+        "{refused:?}"
+    );
+    let _ = connection.close(200, "done".into()).await;
     assert!(
         fleet_producer::dlq::list(&producer.settings).await.is_err(),
         "only the admin reads dead letters"

@@ -52,6 +52,7 @@ fn encoded_messages_match_the_shipped_schemas() {
         worker: "host/1/0".into(),
         started_at: Utc::now(),
         finished_at: Utc::now(),
+        published_by: None,
     };
     assert!(result.is_valid(&encoded(&failed)));
     assert!(!result.is_valid(&json!({ "v": 1, "task_id": "x", "status": "maybe" })));

@@ -230,6 +230,7 @@ mod tests {
             worker: "h/1/0".into(),
             started_at: Utc::now(),
             finished_at: Utc::now(),
+            published_by: None,
         })
     }
 

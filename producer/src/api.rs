@@ -12,7 +12,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use deadpool_lapin::{Pool, Runtime};
+use deadpool::managed::{Manager, Metrics, RecycleError, RecycleResult};
+use fleet_shared::amqp;
 use fleet_shared::envelope::Task;
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher};
 use fleet_shared::settings::{Secret, Settings};
@@ -22,6 +23,37 @@ use serde_json::{Value, json};
 use std::future::Future;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+/// Broker connections for the HTTP API: deadpool's managed pool around [`amqp::connect`], so
+/// they get what every other fleet connection gets (TLS settings, the password file read at
+/// connect time, refusals mapped to exit code 3). deadpool-lapin's manager can only connect by
+/// URL, without a TLS configuration.
+struct Connections {
+    settings: Settings,
+}
+
+impl Manager for Connections {
+    type Type = lapin::Connection;
+    type Error = anyhow::Error;
+
+    async fn create(&self) -> anyhow::Result<lapin::Connection> {
+        amqp::connect(&self.settings, "fleet-producer-api").await
+    }
+
+    async fn recycle(
+        &self,
+        connection: &mut lapin::Connection,
+        _: &Metrics,
+    ) -> RecycleResult<anyhow::Error> {
+        if connection.status().connected() {
+            Ok(())
+        } else {
+            Err(RecycleError::message("the broker connection is closed"))
+        }
+    }
+}
+
+type Pool = deadpool::managed::Pool<Connections>;
 
 struct App {
     pool: Pool,
@@ -63,15 +95,12 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         submit::connect_publisher(&settings, "fleet-producer-setup").await?;
     let _ = connection.close(200, "topology declared".into()).await;
 
-    let uri = settings.amqp_uri()?.to_string();
-    let pool = deadpool_lapin::Config {
-        url: Some(uri),
-        pool: Some(deadpool_lapin::PoolConfig::new(settings.producer.pool_size)),
-    }
-    .create_pool(
-        || lapin::ConnectionProperties::default().with_connection_name("fleet-producer-api".into()),
-        Runtime::Tokio1,
-    )
+    let pool = Pool::builder(Connections {
+        settings: settings.clone(),
+    })
+    .max_size(settings.producer.pool_size)
+    .runtime(deadpool::Runtime::Tokio1)
+    .build()
     .context("creating the broker connection pool")?;
     let listener = tokio::net::TcpListener::bind(&settings.producer.listen)
         .await

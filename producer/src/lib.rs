@@ -1,7 +1,7 @@
 //! fleet-producer: the master side of the fleet.
 //!
 //! - [`submit`]: publish one batch of tasks (the `submit` CLI and the seed's `demo`).
-//! - [`api`]: the producer's HTTP API (`serve`), publishing through a deadpool-lapin pool.
+//! - [`api`]: the producer's HTTP API (`serve`), publishing through a deadpool pool of fleet connections.
 //! - [`client`]: a client of the collector's read API (`submit --wait`, `demo`).
 //! - [`dlq`]: list, replay and purge dead letters (`dlq`).
 //! - [`definitions`]: RabbitMQ definitions with a user per role and fresh passwords.

@@ -144,6 +144,25 @@ async fn amqps_with_the_right_ca_works_and_a_wrong_one_or_name_is_refused_clearl
     let client = CollectorClient::new(&good.producer.collector_url);
     let status = complete(&client, &receipt.batch, Duration::from_secs(60)).await;
     assert_eq!((status.ok, status.failed), (10, 0));
+    // The HTTP API's pooled connections use TLS too.
+    let api = Service::producer_api(&good);
+    let http = reqwest::Client::new();
+    let accepted = fleet_tests::eventually("the API over TLS", Duration::from_secs(30), || async {
+        http.post(format!("http://{}/v1/tasks", good.producer.listen))
+            .json(&json!({ "kind": "square", "payload": { "n": 5 }, "id": "over-tls" }))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 202)
+    })
+    .await;
+    assert_eq!(accepted.status(), 202);
+    let stored = fleet_tests::eventually("its result", Duration::from_secs(30), || async {
+        client.task("over-tls").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(stored.output.expect("output")["square"], 25);
+    api.stop().await.expect("the API stops cleanly");
     consumer.stop().await.expect("consumer drains cleanly");
     collector.stop().await.expect("collector drains cleanly");
 

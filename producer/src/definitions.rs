@@ -71,14 +71,19 @@ pub fn definitions(passwords: &[(Role, String)]) -> Value {
 }
 
 /// Writes `definitions.json` and one password file per role into `dir` (created if needed).
-/// Refuses to overwrite an existing `definitions.json`.
+/// An existing `definitions.json` is never overwritten: with `if_missing` that is success (a
+/// compose start after the first), otherwise an error.
 ///
 /// Fails when `dir` cannot be written.
-pub fn write(dir: &Path) -> anyhow::Result<()> {
+pub fn write(dir: &Path, if_missing: bool) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let target = dir.join("definitions.json");
+    if if_missing && target.exists() {
+        println!("{} exists; kept", target.display());
+        return Ok(());
+    }
     anyhow::ensure!(
         !target.exists(),
         "{} exists; remove it first (its users would get new passwords)",

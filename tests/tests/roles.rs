@@ -338,6 +338,22 @@ async fn generated_definitions_load_into_a_broker_and_their_passwords_work() {
         String::from_utf8_lossy(&output.stderr)
     );
     let definitions = std::fs::read_to_string(out.join("definitions.json")).expect("definitions");
+    // A second run never replaces them: an error, or with --if-missing (compose) a no-op.
+    let again = |extra: &[&str]| {
+        std::process::Command::new(fleet_tests::process::binary("fleet-producer"))
+            .args(["definitions", "--out", out.to_str().expect("utf-8")])
+            .args(extra)
+            .env_clear()
+            .output()
+            .expect("running fleet-producer definitions")
+    };
+    assert!(!again(&[]).status.success(), "refuses to overwrite");
+    assert!(again(&["--if-missing"]).status.success());
+    assert_eq!(
+        std::fs::read_to_string(out.join("definitions.json")).expect("definitions"),
+        definitions,
+        "kept as they were"
+    );
     let password = |role: &Role| {
         let path = out.join(format!("fleet-{}.password", role.name));
         let mode = std::fs::metadata(&path)

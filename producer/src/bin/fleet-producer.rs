@@ -50,6 +50,9 @@ enum Command {
         /// Where to write them.
         #[arg(long)]
         out: PathBuf,
+        /// Do nothing (and succeed) when DIR already holds definitions.
+        #[arg(long)]
+        if_missing: bool,
     },
     /// Dead letters in fleet.dead: list, replay or purge them.
     Dlq {
@@ -141,13 +144,15 @@ fn main() -> ExitCode {
         }
         Command::Serve => fleet_shared::cli::run(settings, fleet_producer::api::serve),
         Command::Demo => fleet_shared::cli::run(settings, fleet_producer::demo::run),
-        Command::Definitions { out } => match fleet_producer::definitions::write(&out) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("error: {error:#}");
-                ExitCode::from(fleet_shared::error::EXIT_RUNTIME)
+        Command::Definitions { out, if_missing } => {
+            match fleet_producer::definitions::write(&out, if_missing) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::from(fleet_shared::error::EXIT_RUNTIME)
+                }
             }
-        },
+        }
         Command::Setup => fleet_shared::cli::run(settings, |s, _| fleet_producer::setup::run(s)),
         Command::Dlq { command } => fleet_shared::cli::run(settings, |s, _| run_dlq(s, command)),
     }

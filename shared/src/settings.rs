@@ -58,6 +58,9 @@ pub struct Settings {
 pub struct AmqpSettings {
     /// Broker URL. Default `amqp://guest:guest@127.0.0.1:5672/%2f`. Env `FLEET_AMQP__URL`.
     pub url: String,
+    /// Broker user; overrides a user in `url`, so one URL can serve every role (systemd units
+    /// set it per service). Default none. Env `FLEET_AMQP__USER`.
+    pub user: Option<String>,
     /// File whose first line is the broker password; overrides a password in `url`.
     /// Default none (then `$CREDENTIALS_DIRECTORY/amqp-password` if present).
     /// Env `FLEET_AMQP__PASSWORD_FILE`.
@@ -468,6 +471,9 @@ impl Settings {
             .url
             .parse()
             .map_err(|e: String| SettingsError::new("amqp.url", e))?;
+        if let Some(user) = &self.amqp.user {
+            uri.authority.userinfo.username.clone_from(user);
+        }
         if let Some((key, path)) = &self.amqp.password_source {
             uri.authority.userinfo.password = first_line(key, path)?.expose().to_owned();
         }
@@ -694,6 +700,17 @@ mod tests {
             s.amqp_uri().expect("uri").authority.userinfo.password,
             "hunter2"
         );
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("FLEET_AMQP__URL", "amqp://broker.example:5672/fleet"),
+                ("FLEET_AMQP__USER", "fleet-consumer"),
+            ]),
+        )
+        .expect("valid");
+        let uri = s.amqp_uri().expect("uri");
+        assert_eq!(uri.authority.userinfo.username, "fleet-consumer");
+        assert_eq!(s.broker_user().as_deref(), Some("fleet-consumer"));
         let err = Settings::load_from(
             None,
             env(&[("FLEET_AMQP__PASSWORD_FILE", "/nonexistent/pw")]),

@@ -108,20 +108,23 @@ async fn malformed_unknown_and_oversized_messages_are_dead_lettered_with_reasons
             json!({ "pad": "x".repeat(100_000), "n": 1 }),
         );
         bad.push(Outgoing::task(&huge));
+        let future =
+            json!({ "v": 2, "id": format!("future-{i}"), "kind": "square", "payload": {} });
+        bad.push(raw("square", serde_json::to_vec(&future).expect("JSON")));
     }
     let payloads: Vec<Value> = (0..1000i64).map(|n| json!({ "n": n })).collect();
     let (published_bad, receipt) = tokio::join!(
         publisher.publish_all(bad),
         submit::publish_batch(&publisher, "square", payloads)
     );
-    assert_eq!(published_bad.expect("bad messages published"), 210);
+    assert_eq!(published_bad.expect("bad messages published"), 220);
     let receipt = receipt.expect("good batch published");
 
     let client = CollectorClient::new(&settings.producer.collector_url);
     let status = complete(&client, &receipt.batch, Duration::from_secs(120)).await;
     assert_eq!((status.done, status.ok, status.failed), (1000, 1000, 0));
 
-    let dead = eventually("210 dead letters", Duration::from_secs(30), {
+    let dead = eventually("220 dead letters", Duration::from_secs(30), {
         let mut all = Vec::new();
         let settings = settings.clone();
         move || {
@@ -129,7 +132,7 @@ async fn malformed_unknown_and_oversized_messages_are_dead_lettered_with_reasons
             let mut so_far = std::mem::take(&mut all);
             async move {
                 so_far.extend(drain_dead(&settings).await);
-                if so_far.len() >= 210 {
+                if so_far.len() >= 220 {
                     Some(so_far)
                 } else {
                     None
@@ -138,7 +141,7 @@ async fn malformed_unknown_and_oversized_messages_are_dead_lettered_with_reasons
         }
     })
     .await;
-    assert_eq!(dead.len(), 210, "exactly the bad messages are dead");
+    assert_eq!(dead.len(), 220, "exactly the bad messages are dead");
     let count = |needle: &str| {
         dead.iter()
             .filter(|(reason, _)| reason.contains(needle))
@@ -147,6 +150,10 @@ async fn malformed_unknown_and_oversized_messages_are_dead_lettered_with_reasons
     assert_eq!(count("undecodable body"), 100);
     assert_eq!(count("unknown kind `no-such-kind`"), 100);
     assert_eq!(count("too large"), 10);
+    assert_eq!(
+        count("unsupported envelope version 2 (this build reads 1)"),
+        10
+    );
     assert!(
         dead.iter().any(|(_, body)| body.len() > 100_000),
         "dead letters keep the whole body"

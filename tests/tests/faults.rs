@@ -137,8 +137,10 @@ async fn kill_9_of_one_of_two_consumers_loses_nothing() {
     collector.stop().await.expect("collector drains cleanly");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_of_the_collector_loses_nothing_and_stores_nothing_twice() {
+/// Runs 10,000 squares with the collector as a process, stops it with `stop` after 2,000
+/// results, starts it again, and returns the batch's final status once every task has its one
+/// result.
+async fn collector_stopped_mid_run(stop: fn(Process)) -> BatchStatus {
     let vhost = Vhost::new();
     let env = vhost.env(&[("FLEET_CONSUMER__WORKERS", "2")]);
     let settings = settings_of(&env);
@@ -148,14 +150,22 @@ async fn kill_9_of_the_collector_loses_nothing_and_stores_nothing_twice() {
     let client = CollectorClient::new(&settings.producer.collector_url);
 
     progress(&client, &receipt.batch, 2_000, Duration::from_secs(60)).await;
-    collector.kill9();
+    tokio::task::spawn_blocking(move || stop(collector))
+        .await
+        .expect("stopping the collector");
     let collector = Process::spawn("fleet-collector", &[], &env);
 
     let status = complete(&client, &receipt.batch, Duration::from_secs(240)).await;
     assert_every_square_once(&client, &receipt, &status).await;
-    eprintln!("kill -9 of the collector: duplicates={}", status.duplicates);
     consumer.stop().await.expect("consumer drains cleanly");
     assert!(collector.terminate(Duration::from_secs(30)).success());
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_the_collector_loses_nothing_and_stores_nothing_twice() {
+    let status = collector_stopped_mid_run(Process::kill9).await;
+    eprintln!("kill -9 of the collector: duplicates={}", status.duplicates);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -663,29 +673,15 @@ async fn a_task_past_its_deadline_is_not_run_and_fails_as_expired() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_of_the_collector_mid_run_acks_all_it_stored() {
-    let vhost = Vhost::new();
-    let env = vhost.env(&[("FLEET_CONSUMER__WORKERS", "2")]);
-    let settings = settings_of(&env);
-    let collector = Process::spawn("fleet-collector", &[], &env);
-    let consumer = Service::builtin_consumer(&settings);
-    let receipt = squares(&settings, 10_000).await;
-    let client = CollectorClient::new(&settings.producer.collector_url);
-
-    progress(&client, &receipt.batch, 2_000, Duration::from_secs(60)).await;
-    let status = tokio::task::spawn_blocking(move || collector.terminate(Duration::from_secs(15)))
-        .await
-        .expect("waiting for the collector");
-    assert!(status.success(), "a drained collector exits 0: {status:?}");
-    let collector = Process::spawn("fleet-collector", &[], &env);
-
-    let status = complete(&client, &receipt.batch, Duration::from_secs(240)).await;
-    assert_every_square_once(&client, &receipt, &status).await;
+    let status = collector_stopped_mid_run(|collector| {
+        let exit = collector.terminate(Duration::from_secs(15));
+        assert!(exit.success(), "a drained collector exits 0: {exit:?}");
+    })
+    .await;
     assert_eq!(
         status.duplicates, 0,
         "everything stored before the stop was acked"
     );
-    consumer.stop().await.expect("consumer drains cleanly");
-    assert!(collector.terminate(Duration::from_secs(30)).success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -9,6 +9,7 @@ test:            ## every test, starting a local broker if none answers
 lint:            ## what CI checks besides the tests
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	scripts/check-deploy
 
 run:             ## the compose topology as local processes: collector, API, CONSUMERS consumers
 	scripts/run-local $(CONSUMERS)

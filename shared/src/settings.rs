@@ -464,8 +464,17 @@ impl Settings {
 
     /// The broker URI with the password from the password file (read now) applied.
     ///
-    /// Fails when `amqp.url` is not an AMQP URI.
+    /// Fails when `amqp.url` is not an AMQP URI or the password file cannot be read.
     pub fn amqp_uri(&self) -> Result<AMQPUri, SettingsError> {
+        let mut uri = self.uri_without_password()?;
+        if let Some((key, path)) = &self.amqp.password_source {
+            uri.authority.userinfo.password = first_line(key, path)?.expose().to_owned();
+        }
+        Ok(uri)
+    }
+
+    /// `amqp.url` parsed, with `amqp.user` and the heartbeat applied; no file is read.
+    fn uri_without_password(&self) -> Result<AMQPUri, SettingsError> {
         let mut uri: AMQPUri = self
             .amqp
             .url
@@ -473,9 +482,6 @@ impl Settings {
             .map_err(|e: String| SettingsError::new("amqp.url", e))?;
         if let Some(user) = &self.amqp.user {
             uri.authority.userinfo.username.clone_from(user);
-        }
-        if let Some((key, path)) = &self.amqp.password_source {
-            uri.authority.userinfo.password = first_line(key, path)?.expose().to_owned();
         }
         // A `?heartbeat=` in the URL wins over the setting.
         uri.query.heartbeat.get_or_insert(self.amqp.heartbeat_secs);
@@ -485,10 +491,10 @@ impl Settings {
     /// The broker user fleet logs in as, which its publishes carry as AMQP `user_id`; `None`
     /// with EXTERNAL authentication (the broker takes the user from the client certificate).
     pub fn broker_user(&self) -> Option<String> {
-        let uri = self.amqp_uri().ok()?;
+        let uri = self.uri_without_password().ok()?;
         let external = uri.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External);
         (!external && !uri.authority.userinfo.username.is_empty())
-            .then(|| uri.authority.userinfo.username.clone())
+            .then_some(uri.authority.userinfo.username)
     }
 
     /// Prefetch count of a consumer: workers x prefetch_per_worker (validated to fit in u16).

@@ -177,6 +177,27 @@ impl Vhost {
         settings_of(&self.env(extra))
     }
 
+    /// Where [`Vhost::env_as`] keeps `user`'s password.
+    pub fn password_file(&self, user: &User) -> PathBuf {
+        self.dir.join(format!("{}.password", user.name))
+    }
+
+    /// Writes `user`'s password to [`Vhost::password_file`] and returns the environment of
+    /// [`Vhost::env`] that logs in as `user` through that file, with `extra` on top.
+    pub fn env_as(&self, user: &User, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let password_file = self.password_file(user);
+        std::fs::write(&password_file, format!("{}\n", user.password))
+            .expect("writing the password file");
+        let url = format!("amqp://{}@{}/{}", user.name, broker_host(), self.name);
+        let file = password_file.display().to_string();
+        let mut vars = vec![
+            ("FLEET_AMQP__URL", url.as_str()),
+            ("FLEET_AMQP__PASSWORD_FILE", file.as_str()),
+        ];
+        vars.extend_from_slice(extra);
+        self.env(&vars)
+    }
+
     /// The environment of [`Vhost::settings`], for services run as processes.
     pub fn env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
         fleet_env(&self.url(), &self.dir, extra)

@@ -30,23 +30,7 @@ fn member(vhost: &Vhost, role: Role) -> Member {
 fn member_with(vhost: &Vhost, role: Role, extra: &[(&str, &str)]) -> Member {
     let user = User::new();
     user.permit(&vhost.name, role.configure, role.write, role.read);
-    let password_file = vhost.dir.join(format!("{}-password", role.name));
-    std::fs::write(&password_file, format!("{}\n", user.password)).expect("password file");
-    let url = format!(
-        "amqp://{}@{}/{}",
-        user.name,
-        fleet_tests::broker_host(),
-        vhost.name
-    );
-    let mut vars = vec![
-        ("FLEET_AMQP__URL", url.as_str()),
-        (
-            "FLEET_AMQP__PASSWORD_FILE",
-            password_file.to_str().expect("utf-8"),
-        ),
-    ];
-    vars.extend_from_slice(extra);
-    let env = vhost.env(&vars);
+    let env = vhost.env_as(&user, extra);
     Member {
         role,
         _user: user,

@@ -186,21 +186,8 @@ async fn a_rotated_password_is_picked_up_by_the_next_reconnect() {
     let vhost = Vhost::new();
     let mut user = User::new();
     user.permit(&vhost.name, ".*", ".*", ".*");
-    let password_file = vhost.dir.join("amqp-password");
-    std::fs::write(&password_file, format!("{}\n", user.password)).expect("password file");
-    let url = format!(
-        "amqp://{}@{}/{}",
-        user.name,
-        fleet_tests::broker_host(),
-        vhost.name
-    );
-    let env = vhost.env(&[
-        ("FLEET_AMQP__URL", &url),
-        (
-            "FLEET_AMQP__PASSWORD_FILE",
-            password_file.to_str().expect("utf-8"),
-        ),
-    ]);
+    let env = vhost.env_as(&user, &[]);
+    let password_file = vhost.password_file(&user);
     let settings = settings_of(&env);
     let consumer = Process::spawn("fleet-consumer", &[], &env);
     let collector = fleet_tests::Service::collector(&settings);

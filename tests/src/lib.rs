@@ -5,6 +5,7 @@
 //! other's queues and leave nothing behind. Services run in-process through the same `run`
 //! functions the binaries call.
 
+pub mod netns;
 pub mod node;
 pub mod process;
 pub mod proxy;

@@ -2,6 +2,7 @@
 //! node name, ports and data directory, started with the installed `rabbitmq-server`. The shared
 //! broker is never touched.
 
+use crate::netns::Host;
 use anyhow::Context as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -11,8 +12,10 @@ use std::time::{Duration, Instant};
 pub struct Node {
     /// Erlang node name, e.g. `fleet-1a2b3c4d@localhost`.
     pub name: String,
-    /// Its AMQP port on 127.0.0.1.
+    /// Its AMQP port on 127.0.0.1 (or on its host's address).
     pub port: u16,
+    /// The test host it runs on, if not this machine's loopback.
+    on: Option<Host>,
     dir: PathBuf,
     dist_port: u16,
     child: Option<Child>,
@@ -54,17 +57,41 @@ impl Node {
         plugins: &[&str],
         configure: impl FnOnce(&std::path::Path, u16) -> String,
     ) -> Self {
+        Self::start_at(None, plugins, configure)
+    }
+
+    /// As [`Node::start_with`], on `host`: listening on the host's address, port 5672, and
+    /// driven with `rabbitmqctl` run on that host.
+    ///
+    /// # Panics
+    /// As [`Node::start`].
+    pub fn start_on(host: &Host, configure: impl FnOnce(&std::path::Path, u16) -> String) -> Self {
+        Self::start_at(Some(host.clone()), &[], configure)
+    }
+
+    fn start_at(
+        on: Option<Host>,
+        plugins: &[&str],
+        configure: impl FnOnce(&std::path::Path, u16) -> String,
+    ) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("fleet-{}@localhost", &id[..8]);
         let dir = std::env::temp_dir().join(format!("fleet-node-{}", &id[..8]));
         for sub in ["mnesia", "log"] {
             std::fs::create_dir_all(dir.join(sub)).expect("creating the node directory");
         }
-        let port = free_port();
+        // A host of its own has every port free.
+        let (port, dist_port) = match on {
+            Some(_) => (5672, 25672),
+            None => (free_port(), free_port()),
+        };
         let extra = configure(&dir, free_port());
+        let address = on
+            .as_ref()
+            .map_or("127.0.0.1".to_owned(), |h| h.addr.to_string());
         std::fs::write(
             dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users = none\n{extra}"),
+            format!("listeners.tcp.1 = {address}:{port}\nloopback_users = none\n{extra}"),
         )
         .expect("writing rabbitmq.conf");
         std::fs::write(
@@ -76,8 +103,9 @@ impl Node {
         let mut node = Self {
             name,
             port,
+            on,
             dir,
-            dist_port: free_port(),
+            dist_port,
             child: None,
         };
         node.boot();
@@ -85,7 +113,8 @@ impl Node {
     }
 
     fn boot(&mut self) {
-        let child = Command::new("rabbitmq-server")
+        let child = self
+            .command("rabbitmq-server")
             .env("RABBITMQ_NODENAME", &self.name)
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
@@ -108,7 +137,7 @@ impl Node {
             .expect("starting rabbitmq-server");
         self.child = Some(child);
         let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while !self.answers() {
             assert!(
                 started.elapsed() < Duration::from_secs(60),
                 "node {} did not answer on port {} within 60 s; see {}",
@@ -120,6 +149,30 @@ impl Node {
         }
     }
 
+    /// `program` on the node's host.
+    fn command(&self, program: &str) -> Command {
+        match &self.on {
+            Some(host) => host.command(program),
+            None => Command::new(program),
+        }
+    }
+
+    /// True when its AMQP port takes a connection.
+    fn answers(&self) -> bool {
+        match &self.on {
+            Some(host) => host
+                .run(
+                    "bash",
+                    &[
+                        "-c",
+                        &format!("exec 3<>/dev/tcp/{}/{}", host.addr, self.port),
+                    ],
+                )
+                .is_ok(),
+            None => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+        }
+    }
+
     /// The node's directory (its config, data, logs, and files `start_with` wrote).
     pub fn dir(&self) -> &std::path::Path {
         &self.dir
@@ -127,19 +180,23 @@ impl Node {
 
     /// The AMQP URL of the node's default vhost, as guest.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        format!("amqp://guest:guest@{}/%2f", self.host())
     }
 
-    /// `host:port` of its AMQP listener.
+    /// `address:port` of its AMQP listener.
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        match &self.on {
+            Some(host) => format!("{}:{}", host.addr, self.port),
+            None => format!("127.0.0.1:{}", self.port),
+        }
     }
 
     /// Runs `rabbitmqctl -n <node> args...`.
     ///
     /// Fails when rabbitmqctl does.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = Command::new("rabbitmqctl")
+        let output = self
+            .command("rabbitmqctl")
             .args(["-n", &self.name])
             .args(args)
             .output()

@@ -25,6 +25,17 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Stdout and stderr both appended to `log`.
+fn log_to(log: &std::path::Path) -> (Stdio, Stdio) {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("opening the log file");
+    let copy = file.try_clone().expect("a second handle on the log file");
+    (Stdio::from(file), Stdio::from(copy))
+}
+
 /// A running binary, killed with SIGKILL if still running when dropped.
 pub struct Process {
     /// The binary's name, for messages.
@@ -39,7 +50,25 @@ impl Process {
     /// # Panics
     /// When the binary is missing or cannot start.
     pub fn spawn(name: &str, args: &[&str], env: &[(String, String)]) -> Self {
-        Self::start(name, args, env, Stdio::null(), Stdio::inherit())
+        let mut command = Command::new(binary(name));
+        command.args(args);
+        Self::start(name, command, env, Stdio::null(), Stdio::inherit())
+    }
+
+    /// As [`Process::spawn`], through `command`, which is to exec `name` in the end (as
+    /// [`crate::netns::Host::command`] does), so signals reach it; stdout and stderr both go to
+    /// `log`.
+    ///
+    /// # Panics
+    /// When it cannot start, or `log` cannot be opened.
+    pub fn spawn_command(
+        name: &str,
+        command: Command,
+        env: &[(String, String)],
+        log: &std::path::Path,
+    ) -> Self {
+        let (stdout, stderr) = log_to(log);
+        Self::start(name, command, env, stdout, stderr)
     }
 
     /// As [`Process::spawn`], with stdout and stderr both appended to `log`.
@@ -52,25 +81,20 @@ impl Process {
         env: &[(String, String)],
         log: &std::path::Path,
     ) -> Self {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("opening the log file");
-        let copy = file.try_clone().expect("a second handle on the log file");
-        Self::start(name, args, env, Stdio::from(file), Stdio::from(copy))
+        let (stdout, stderr) = log_to(log);
+        let mut command = Command::new(binary(name));
+        command.args(args);
+        Self::start(name, command, env, stdout, stderr)
     }
 
     fn start(
         name: &str,
-        args: &[&str],
+        mut command: Command,
         env: &[(String, String)],
         stdout: Stdio,
         stderr: Stdio,
     ) -> Self {
-        let mut command = Command::new(binary(name));
         command
-            .args(args)
             .env_clear()
             .stdin(Stdio::null())
             .stdout(stdout)

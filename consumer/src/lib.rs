@@ -6,18 +6,23 @@
 //! - [`handlers`]: the built-in handlers, one file each.
 //! - [`worker`]: one delivery from decode to ack.
 //! - [`disposition`]: outcome -> complete, retry or fail (the delivery-semantics table).
+//! - [`metrics`]: what `/metrics` on `consumer.listen` shows (with `/healthz` and `/readyz`).
 
 pub mod disposition;
 pub mod handlers;
+pub mod metrics;
 pub mod registry;
 pub mod worker;
 
 use anyhow::Context as _;
+use fleet_shared::observe::{Health, Observer};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::redact;
 use fleet_shared::{amqp, topology};
 use futures_util::StreamExt;
+use metrics::Metrics;
 use registry::Registry;
+use std::future::IntoFuture as _;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,8 +45,25 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let kinds: Vec<String> = registry.kinds().into_iter().map(str::to_owned).collect();
+    let mut observer = Observer::new(Health::default());
+    let metrics = Metrics::register(
+        observer.registry(),
+        settings.consumer.workers,
+        settings.consumer.io_concurrency,
+    );
+    let (common, health) = (observer.common.clone(), Arc::clone(&observer.health));
+    let listener = tokio::net::TcpListener::bind(&settings.consumer.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.consumer.listen))?;
+    let listen = listener.local_addr()?;
+    let http_shutdown = CancellationToken::new();
+    let server = tokio::spawn(
+        axum::serve(listener, observer.router())
+            .with_graceful_shutdown(http_shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
     let worker = Arc::new(
-        Worker::new(Arc::clone(&settings), registry, shutdown.clone())
+        Worker::new(Arc::clone(&settings), registry, metrics, shutdown.clone())
             .context("starting the worker pool")?,
     );
     // Every delivery ever started, for the final drain.
@@ -54,6 +76,7 @@ pub async fn run(
             "fleet-consumer",
             topology::WORK_QUEUE,
             1,
+            &common,
             &shutdown,
         )
         .await;
@@ -71,12 +94,17 @@ pub async fn run(
                 io_concurrency = settings.consumer.io_concurrency,
                 prefetch = settings.prefetch(),
                 kinds = ?kinds,
+                %listen,
                 "fleet-consumer started"
             );
         } else {
+            common.reconnects.inc();
             tracing::info!(reconnects = sessions, "fleet-consumer consuming again");
         }
         sessions += 1;
+        health.connected(true);
+        health.topology(true);
+        health.consuming(true);
         let lost = CancellationToken::new();
         let widen_at = (settings.prefetch() > 1).then(|| worker.settled() + 1);
         match consume(
@@ -97,6 +125,7 @@ pub async fn run(
                     in_flight = in_flight.len(),
                     "lost the broker; reconnecting (unacked tasks are redelivered)"
                 );
+                health.lost();
                 // Nothing started on the old connection can be settled any more: stop waiting
                 // for it (I/O handlers are dropped, compute ones finish and free their slot).
                 lost.cancel();
@@ -105,7 +134,14 @@ pub async fn run(
         }
     };
 
-    let subscription = outcome?;
+    let subscription = match outcome {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            http_shutdown.cancel();
+            return Err(error);
+        }
+    };
+    health.consuming(false);
     tracing::info!(in_flight = in_flight.len(), "draining");
     // Stop new deliveries; those already prefetched are either run or returned by the worker.
     if let Some(subscription) = &subscription {
@@ -124,6 +160,8 @@ pub async fn run(
     if let Some(subscription) = subscription {
         subscription.close().await;
     }
+    http_shutdown.cancel();
+    let _ = server.await;
     tracing::info!("fleet-consumer stopped");
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! result (or the retry, or the dead letter) with a confirm, and only then ack.
 
 use crate::disposition::{self, Disposition, Outcome};
+use crate::metrics::{Busy, Metrics, TaskOutcome};
 use crate::registry::{HandlerError, Registry, TaskContext, Work};
 use chrono::Utc;
 use fleet_shared::envelope::{self, ErrorInfo, Status, TaskResult};
@@ -31,6 +32,14 @@ pub struct Worker {
     settled: AtomicU64,
     /// The broker user this consumer publishes as, to recognise its own retries.
     own_user: Option<String>,
+    metrics: Metrics,
+}
+
+/// A slot held by a running handler: its semaphore permit, and its place in
+/// `fleet_worker_slots_busy`. Both are given back on drop.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _busy: Busy,
 }
 
 /// Why a delivery could not be settled; it stays unacked and the broker redelivers it.
@@ -51,6 +60,7 @@ impl Worker {
     pub fn new(
         settings: Arc<Settings>,
         registry: Registry,
+        metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Result<Self, rayon::ThreadPoolBuildError> {
         let workers = settings.consumer.workers;
@@ -73,6 +83,7 @@ impl Worker {
             shutdown,
             settled: AtomicU64::new(0),
             own_user,
+            metrics,
         })
     }
 
@@ -80,6 +91,7 @@ impl Worker {
     /// the connection the delivery came on). Never panics and never returns an error: a delivery
     /// it cannot settle is nacked back to the queue (or left for the broker to redeliver).
     pub async fn handle(self: Arc<Self>, delivery: Delivery, publisher: Publisher) {
+        let _in_flight = self.metrics.handling();
         let processed = self.process(&delivery, &publisher).await;
         if processed.is_ok() {
             self.settled.fetch_add(1, Ordering::Relaxed);
@@ -104,24 +116,28 @@ impl Worker {
         let who = published_by(delivery, self.own_user.as_deref());
         let who = who.as_deref();
         let max = self.settings.consumer.max_message_bytes;
+        let reject = |reason: String| async move {
+            self.metrics.received(UNKNOWN_KIND);
+            self.metrics.ended(UNKNOWN_KIND, TaskOutcome::Rejected);
+            self.metrics.dead_lettered(UNKNOWN_KIND);
+            dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await
+        };
         if delivery.data.len() > max {
             let reason = format!(
                 "too large: {} bytes, the limit is {max}",
                 delivery.data.len()
             );
-            return dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await;
+            return reject(reason).await;
         }
         let task = match envelope::decode_task(&delivery.data) {
             Ok(task) => task,
-            Err(error) => {
-                let reason = error.to_string();
-                return dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await;
-            }
+            Err(error) => return reject(error.to_string()).await,
         };
         let Some(handler) = self.registry.get(&task.kind) else {
-            let reason = format!("unknown kind `{}`", task.kind);
-            return dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await;
+            return reject(format!("unknown kind `{}`", task.kind)).await;
         };
+        let kind = task.kind.as_str();
+        self.metrics.received(kind);
         let policy = self.settings.policy(&task.kind);
         let attempt = attempt_of(delivery);
         let ctx = TaskContext {
@@ -131,13 +147,16 @@ impl Worker {
             cancel: CancellationToken::new(),
         };
 
-        let slots = match handler.work {
-            Work::Compute => &self.compute_slots,
-            Work::Io => &self.io_slots,
+        let (slots, work) = match handler.work {
+            Work::Compute => (&self.compute_slots, "compute"),
+            Work::Io => (&self.io_slots, "io"),
         };
         let permit = tokio::select! {
             biased;
-            permit = Arc::clone(slots).acquire_owned() => permit.expect("slot semaphores are never closed"),
+            permit = Arc::clone(slots).acquire_owned() => Slot {
+                _permit: permit.expect("slot semaphores are never closed"),
+                _busy: self.metrics.busy(work),
+            },
             () = self.shutdown.cancelled() => {
                 // Draining: a task that has not started goes back to the queue untouched.
                 delivery
@@ -148,7 +167,8 @@ impl Worker {
             }
         };
         let started_at = Utc::now();
-        let (output, slot) = if task.deadline.is_some_and(|d| d < started_at) {
+        let expired = task.deadline.is_some_and(|d| d < started_at);
+        let (output, slot) = if expired {
             drop(permit);
             (
                 Err(HandlerError::permanent(
@@ -185,6 +205,10 @@ impl Worker {
             }
         };
         let finished_at = Utc::now();
+        if !expired {
+            let ran = (finished_at - started_at).to_std().unwrap_or_default();
+            self.metrics.ran(kind, ran.as_secs_f64());
+        }
         tracing::debug!(task_id = %task.id, kind = %task.kind, attempt, ok = output.is_ok(), "task ran");
 
         let outcome = match &output {
@@ -216,7 +240,9 @@ impl Worker {
                 publisher
                     .publish(Outgoing::result(&result(Status::Ok, output, None)))
                     .await?;
-                ack(delivery).await
+                ack(delivery).await?;
+                self.metrics.ended(kind, TaskOutcome::Ok);
+                Ok(())
             }
             Disposition::Retry { delay_ms } => {
                 tracing::debug!(task_id = %task.id, attempt, delay_ms, "retrying");
@@ -241,7 +267,9 @@ impl Worker {
                     headers,
                 );
                 publisher.publish(retry).await?;
-                ack(delivery).await
+                ack(delivery).await?;
+                self.metrics.ended(kind, TaskOutcome::Retried);
+                Ok(())
             }
             Disposition::Fail => {
                 let error = output.err().map(|e| ErrorInfo {
@@ -255,7 +283,10 @@ impl Worker {
                 publisher
                     .publish(Outgoing::result(&result(Status::Failed, None, error)))
                     .await?;
-                dead_letter(publisher, delivery, &reason, attempt + 1, who).await
+                dead_letter(publisher, delivery, &reason, attempt + 1, who).await?;
+                self.metrics.ended(kind, TaskOutcome::Failed);
+                self.metrics.dead_lettered(kind);
+                Ok(())
             }
         }
     }
@@ -270,7 +301,7 @@ impl Worker {
     fn run_compute(
         &self,
         future: BoxFuture<'static, Result<Value, HandlerError>>,
-        permit: OwnedSemaphorePermit,
+        permit: Slot,
     ) -> BoxFuture<'static, (Result<Value, HandlerError>, String)> {
         let (tx, rx) = oneshot::channel();
         self.pool.spawn(move || {
@@ -296,6 +327,9 @@ impl Worker {
         })
     }
 }
+
+/// The `kind` label of deliveries that are not a task of a known kind.
+const UNKNOWN_KIND: &str = "unknown";
 
 /// Publishes a copy of the delivery to `fleet.dead` with the reason, the attempts made in all and
 /// the time, then acks the original.
@@ -340,7 +374,7 @@ async fn dead_letter(
 /// delivery down with it. Dropping the returned future (the time limit) aborts the handler.
 async fn run_io(
     future: BoxFuture<'static, Result<Value, HandlerError>>,
-    permit: OwnedSemaphorePermit,
+    permit: Slot,
 ) -> (Result<Value, HandlerError>, String) {
     let mut task = AbortOnDrop(tokio::spawn(future));
     let outcome = match (&mut task.0).await {

@@ -2,26 +2,35 @@
 //! `POST /v1/tasks` `{kind, payload, id?}` -> 202 `{id}`;
 //! `POST /v1/batches` `{kind, payloads: [...]}` -> 202 `{batch, total}`;
 //! bad input -> 400 with a JSON error; a publish the broker did not confirm -> 503.
+//! `/metrics`, `/healthz` and `/readyz` beside them, without the bearer token.
 
 use crate::problem::ApiError;
 use crate::submit;
 use anyhow::Context as _;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use deadpool::managed::{Manager, Metrics, RecycleError, RecycleResult};
+use deadpool::managed::{Manager, RecycleError, RecycleResult};
 use fleet_shared::amqp;
 use fleet_shared::envelope::Task;
+use fleet_shared::observe::{Health, Observer};
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher};
 use fleet_shared::settings::{Secret, Settings};
 use fleet_shared::telemetry::redact;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Broker connections for the HTTP API: deadpool's managed pool around [`amqp::connect`], so
@@ -30,6 +39,10 @@ use tokio_util::sync::CancellationToken;
 /// URL, without a TLS configuration.
 struct Connections {
     settings: Settings,
+    health: Arc<Health>,
+    /// Connections made so far; every one after the first counts as a reconnect.
+    made: AtomicU64,
+    reconnects: Counter,
 }
 
 impl Manager for Connections {
@@ -37,17 +50,23 @@ impl Manager for Connections {
     type Error = anyhow::Error;
 
     async fn create(&self) -> anyhow::Result<lapin::Connection> {
-        amqp::connect(&self.settings, "fleet-producer-api").await
+        let connected = amqp::connect(&self.settings, "fleet-producer-api").await;
+        self.health.connected(connected.is_ok());
+        if connected.is_ok() && self.made.fetch_add(1, Ordering::Relaxed) > 0 {
+            self.reconnects.inc();
+        }
+        connected
     }
 
     async fn recycle(
         &self,
         connection: &mut lapin::Connection,
-        _: &Metrics,
+        _: &deadpool::managed::Metrics,
     ) -> RecycleResult<anyhow::Error> {
         if connection.status().connected() {
             Ok(())
         } else {
+            self.health.connected(false);
             Err(RecycleError::message("the broker connection is closed"))
         }
     }
@@ -61,6 +80,59 @@ struct App {
     max_batch: usize,
     token: Option<Secret>,
     user: Option<String>,
+    metrics: Metrics,
+    confirm_seconds: Histogram,
+}
+
+/// `{kind}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// `{method,route,status}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+/// The API's metrics, beside [`fleet_shared::observe::Common`].
+#[derive(Clone)]
+struct Metrics {
+    /// `fleet_tasks_published_total{kind}`: tasks the broker confirmed.
+    published: Family<KindLabel, Counter>,
+    /// `fleet_http_requests_total{method,route,status}`: API requests answered.
+    requests: Family<RequestLabels, Counter>,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            published: Family::default(),
+            requests: Family::default(),
+        };
+        registry.register(
+            "fleet_tasks_published",
+            "Tasks published and confirmed by the broker",
+            metrics.published.clone(),
+        );
+        registry.register(
+            "fleet_http_requests",
+            "HTTP API requests answered",
+            metrics.requests.clone(),
+        );
+        metrics
+    }
+
+    fn published(&self, kind: &str, n: u64) {
+        self.published
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .inc_by(n);
+    }
 }
 
 /// `POST /v1/tasks` body.
@@ -90,13 +162,20 @@ pub struct NewBatch {
 /// Fails when the address cannot be bound, the broker cannot be reached or refuses us, or
 /// topology cannot be declared.
 pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut observer = Observer::new(Health::publisher());
+    let metrics = Metrics::register(observer.registry());
+    let (common, health) = (observer.common.clone(), Arc::clone(&observer.health));
     // Declare topology once, on a connection of our own, before taking requests.
     let (connection, _publisher) =
         submit::connect_publisher(&settings, "fleet-producer-setup").await?;
     let _ = connection.close(200, "topology declared".into()).await;
+    health.topology(true);
 
     let pool = Pool::builder(Connections {
         settings: settings.clone(),
+        health: Arc::clone(&health),
+        made: AtomicU64::new(0),
+        reconnects: common.reconnects.clone(),
     })
     .max_size(settings.producer.pool_size)
     .runtime(deadpool::Runtime::Tokio1)
@@ -119,11 +198,27 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         max_batch: settings.producer.max_batch,
         token: settings.producer.token.clone(),
         user: settings.broker_user(),
+        metrics,
+        confirm_seconds: common.confirm_seconds.clone(),
     };
-    axum::serve(listener, router(app, settings.producer.max_body_bytes))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .context("serving HTTP")
+    // Readiness follows the broker even when no request comes: a pooled connection is checked
+    // (and made again if it went) every two seconds.
+    let pool = app.pool.clone();
+    let watch = tokio::spawn(async move {
+        loop {
+            let _ = tokio::time::timeout(Duration::from_secs(5), pool.get()).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    let served = axum::serve(
+        listener,
+        router(app, settings.producer.max_body_bytes).merge(observer.router()),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+    .context("serving HTTP");
+    watch.abort();
+    served
 }
 
 fn router(app: App, max_body: usize) -> Router {
@@ -136,7 +231,35 @@ fn router(app: App, max_body: usize) -> Router {
             Arc::clone(&app),
             require_token,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&app),
+            count_request,
+        ))
         .with_state(app)
+}
+
+/// Counts every answered request in `fleet_http_requests_total`, by its route (not its path, so
+/// ids do not make new series).
+async fn count_request(
+    State(app): State<Arc<App>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "other".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    app.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            method,
+            route,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
 }
 
 /// With `producer.token_file` set, every request needs `Authorization: Bearer <token>`; anything
@@ -194,7 +317,8 @@ impl App {
                 tracing::warn!(error = %e, "cannot open a channel");
                 unavailable()
             })?
-            .identified_as(self.user.clone());
+            .identified_as(self.user.clone())
+            .timed(self.confirm_seconds.clone());
         let channel = publisher.channel().clone();
         let outcome = publish(publisher).await;
         let _ = channel.close(200, "done".into()).await;
@@ -225,11 +349,13 @@ async fn create_task(
     let Json(new) = body.map_err(bad_request)?;
     check_kind(&new.kind)?;
     let id = new.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let task_kind = new.kind.clone();
     let task = Task::new(id.clone(), new.kind, None, new.payload);
     app.publish("task", |publisher| async move {
         publisher.publish(Outgoing::task(&task)).await
     })
     .await?;
+    app.metrics.published(&task_kind, 1);
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response())
 }
 
@@ -245,11 +371,13 @@ async fn create_batch(
             format!("`payloads` must hold 1 to {} payloads", app.max_batch),
         ));
     }
+    let kind = new.kind.clone();
     let receipt = app
         .publish("batch", |publisher| async move {
             submit::publish_batch(&publisher, &new.kind, new.payloads).await
         })
         .await?;
+    app.metrics.published(&kind, receipt.task_ids.len() as u64);
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "batch": receipt.batch, "total": receipt.task_ids.len() })),

@@ -3,6 +3,7 @@
 //! [`subscribe`], the start-up every consuming service shares.
 
 use crate::error::AuthError;
+use crate::observe::Common;
 use crate::publisher::Publisher;
 use crate::settings::Settings;
 use crate::telemetry::redact;
@@ -161,9 +162,10 @@ pub async fn subscribe(
     name: &str,
     queue: &str,
     prefetch: u16,
+    common: &Common,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Subscription>> {
-    let start = || subscribe_once(settings, name, queue, prefetch);
+    let start = || subscribe_once(settings, name, queue, prefetch, common);
     let attempts = start
         .retry(backoff(settings))
         .when(|e: &anyhow::Error| !is_fatal(e))
@@ -202,13 +204,14 @@ async fn subscribe_once(
     name: &str,
     queue: &str,
     prefetch: u16,
+    common: &Common,
 ) -> anyhow::Result<Subscription> {
     let connection = connect(settings, name).await?;
     // Each step below can hang on a connection cut at that moment (see `lost_watch`).
     let limit = Duration::from_secs(settings.amqp.connect_timeout_secs);
     tokio::time::timeout(
         limit,
-        start_consuming(connection, settings, queue, prefetch),
+        start_consuming(connection, settings, queue, prefetch, common),
     )
     .await
     .with_context(|| format!("timed out after {limit:?} setting up the consumer"))?
@@ -219,6 +222,7 @@ async fn start_consuming(
     settings: &Settings,
     queue: &str,
     prefetch: u16,
+    common: &Common,
 ) -> anyhow::Result<Subscription> {
     topology::ensure(&connection, settings).await?;
     let channel = connection
@@ -232,7 +236,8 @@ async fn start_consuming(
     let publisher = Publisher::new(&connection, settings.amqp.publish_window)
         .await
         .context("opening the publish channel")?
-        .identified_as(settings.broker_user());
+        .identified_as(settings.broker_user())
+        .timed(common.confirm_seconds.clone());
     let deliveries = channel
         .basic_consume(
             queue.into(),

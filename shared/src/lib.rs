@@ -10,11 +10,13 @@
 //! - [`publisher`]: a confirmed, mandatory, persistent publisher with a window of confirms in flight.
 //! - [`error`]: the error types callers match on and the process exit codes.
 //! - [`cli`]: the few lines every binary's `main` shares.
+//! - [`observe`]: `/metrics`, `/healthz` and `/readyz`, the metrics every service has.
 
 pub mod amqp;
 pub mod cli;
 pub mod envelope;
 pub mod error;
+pub mod observe;
 pub mod publisher;
 pub mod roles;
 pub mod settings;

@@ -8,7 +8,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use prometheus_client::metrics::histogram::Histogram;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::Semaphore;
 
 /// The AMQP `app_id` of everything fleet publishes.
@@ -226,6 +228,7 @@ pub struct Publisher {
     window: Arc<Semaphore>,
     window_size: usize,
     user: Option<ShortString>,
+    confirm_seconds: Option<Histogram>,
 }
 
 impl Publisher {
@@ -240,6 +243,7 @@ impl Publisher {
             window: Arc::new(Semaphore::new(window)),
             window_size: window,
             user: None,
+            confirm_seconds: None,
         })
     }
 
@@ -248,6 +252,13 @@ impl Publisher {
     #[must_use]
     pub fn identified_as(mut self, user: Option<String>) -> Self {
         self.user = user.map(|u| ShortString::from(u.as_str()));
+        self
+    }
+
+    /// Records each publish's time to its confirm in `histogram`.
+    #[must_use]
+    pub fn timed(mut self, histogram: Histogram) -> Self {
+        self.confirm_seconds = Some(histogram);
         self
     }
 
@@ -361,6 +372,8 @@ impl Publisher {
             properties = properties.with_user_id(user.clone());
         }
         let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
+        let sent = Instant::now();
+        let timer = self.confirm_seconds.clone();
         let confirm = self
             .channel
             .basic_publish(
@@ -378,7 +391,13 @@ impl Publisher {
                 exchange: exchange.clone(),
                 source,
             })?;
-        Ok(async move { check(confirm.await, exchange, routing_key) })
+        Ok(async move {
+            let confirm = confirm.await;
+            if let Some(histogram) = timer {
+                histogram.observe(sent.elapsed().as_secs_f64());
+            }
+            check(confirm, exchange, routing_key)
+        })
     }
 }
 

@@ -147,6 +147,9 @@ pub struct ConsumerSettings {
     pub kinds: BTreeMap<String, KindSettings>,
     /// The `exec` handler.
     pub exec: ExecSettings,
+    /// Address of `/metrics`, `/healthz` and `/readyz`. Default `127.0.0.1:8082`; port 0 picks a
+    /// free one (logged at start). Env `FLEET_CONSUMER__LISTEN`.
+    pub listen: String,
 }
 
 /// `[consumer.kinds.<kind>]`: how one kind of task is retried and limited. Unset keys fall back to
@@ -271,6 +274,7 @@ max_attempts = 5
 grace_period_secs = 30
 time_limit_ms = 600000
 kinds = {}
+listen = "127.0.0.1:8082"
 
 [consumer.exec]
 programs = {}
@@ -449,6 +453,7 @@ impl Settings {
             }
         }
         for (key, addr) in [
+            ("consumer.listen", &self.consumer.listen),
             ("producer.listen", &self.producer.listen),
             ("collector.listen", &self.collector.listen),
         ] {

@@ -206,7 +206,8 @@ impl Vhost {
 }
 
 /// `FLEET_*` variables for a fleet on broker `url`: a collector database in `dir`, free ports for
-/// both HTTP APIs (the producer pointed at the collector's), and `extra` on top.
+/// both HTTP APIs (the producer pointed at the collector's), any free port for each consumer's
+/// `/metrics`, and `extra` on top.
 pub fn fleet_env(
     url: &str,
     dir: &std::path::Path,
@@ -221,6 +222,11 @@ pub fn fleet_env(
         ),
         ("FLEET_COLLECTOR__LISTEN".to_owned(), collector.clone()),
         ("FLEET_PRODUCER__LISTEN".to_owned(), free_address()),
+        // Tests run many consumers on one machine: each takes a free port for /metrics.
+        (
+            "FLEET_CONSUMER__LISTEN".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ),
         (
             "FLEET_PRODUCER__COLLECTOR_URL".to_owned(),
             format!("http://{collector}"),

@@ -26,14 +26,17 @@ struct Etc {
 }
 
 impl Etc {
-    /// The environment systemd gives `unit` (a file in `deploy/systemd`) on `host`: the unit's
-    /// `Environment=` lines, then its `EnvironmentFile=` over them (systemd's order), and
-    /// `CREDENTIALS_DIRECTORY` holding what its `LoadCredential=` lines name.
-    fn unit_environment(&self, unit: &str, host: &Host) -> Vec<(String, String)> {
+    /// The environment systemd gives `unit` (a file in `deploy/systemd`, started as `instance`
+    /// if it is a template) on `host`: the unit's `Environment=` lines, then its
+    /// `EnvironmentFile=` over them (systemd's order), and `CREDENTIALS_DIRECTORY` holding what
+    /// its `LoadCredential=` lines name.
+    fn unit_environment(&self, unit: &str, instance: &str, host: &Host) -> Vec<(String, String)> {
         let unit_path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../deploy/systemd")
             .join(unit);
-        let text = std::fs::read_to_string(&unit_path).expect("reading the unit");
+        let text = std::fs::read_to_string(&unit_path)
+            .expect("reading the unit")
+            .replace("%i", instance);
         let credentials = self.credentials.join(format!("{}-{unit}", host.name));
         std::fs::create_dir_all(&credentials).expect("a credentials directory");
         let mut env = BTreeMap::new();
@@ -259,7 +262,7 @@ fn across_hosts_nothing_is_lost_and_an_unplugged_worker_host_hands_its_tasks_ove
     let collector = Process::spawn_command(
         "fleet-collector",
         master.command(binary("fleet-collector")),
-        &etc.unit_environment("fleet-collector.service", master),
+        &etc.unit_environment("fleet-collector.service", "", master),
         &logs.join("master-collector.log"),
     );
     let mut consumers: Vec<Process> = workers
@@ -268,7 +271,7 @@ fn across_hosts_nothing_is_lost_and_an_unplugged_worker_host_hands_its_tasks_ove
             Process::spawn_command(
                 "fleet-consumer",
                 host.command(binary("fleet-consumer")),
-                &etc.unit_environment("fleet-consumer@.service", host),
+                &etc.unit_environment("fleet-consumer@.service", "8082", host),
                 &logs.join(format!("{}-consumer.log", host.name)),
             )
         })
@@ -285,7 +288,7 @@ fn across_hosts_nothing_is_lost_and_an_unplugged_worker_host_hands_its_tasks_ove
             .args(["submit", "sleep", "--input"])
             .arg(&input)
             .env_clear()
-            .envs(etc.unit_environment("fleet-producer.service", master))
+            .envs(etc.unit_environment("fleet-producer.service", "", master))
             .output()
             .expect("running fleet-producer submit");
         assert!(

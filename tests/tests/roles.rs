@@ -397,11 +397,18 @@ async fn generated_definitions_load_into_a_broker_and_their_passwords_work() {
     let (consumer_file, _) = password(&roles::CONSUMER);
     let consumer = settings_as(&roles::CONSUMER, &consumer_file);
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let subscribed =
-        fleet_shared::amqp::subscribe(&consumer, "test", topology::WORK_QUEUE, 1, &shutdown)
-            .await
-            .expect("the generated consumer consumes")
-            .expect("not shut down");
+    let common = fleet_shared::observe::Observer::new(Default::default()).common;
+    let subscribed = fleet_shared::amqp::subscribe(
+        &consumer,
+        "test",
+        topology::WORK_QUEUE,
+        1,
+        &common,
+        &shutdown,
+    )
+    .await
+    .expect("the generated consumer consumes")
+    .expect("not shut down");
     subscribed.close().await;
     // Another role's password is refused.
     let (producer_file, _) = password(&roles::PRODUCER);

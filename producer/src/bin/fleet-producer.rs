@@ -1,5 +1,6 @@
 //! `fleet-producer`: submit tasks (`submit`), serve the HTTP API (`serve`), run the seed's
-//! master demo (`demo`), or list, replay and purge dead letters (`dlq`). Settings from `--config PATH` / `FLEET_CONFIG` and `FLEET_*` variables.
+//! master demo (`demo`), list, replay and purge dead letters (`dlq`), or check a service's
+//! health endpoint (`probe`). Settings from `--config PATH` / `FLEET_CONFIG` and `FLEET_*` variables.
 
 use clap::{Parser, Subcommand};
 use fleet_producer::dlq;
@@ -59,6 +60,12 @@ enum Command {
         #[command(subcommand)]
         command: Dlq,
     },
+    /// GET URL and exit 0 if it answers 2xx, 1 otherwise: a container healthcheck (the image has
+    /// no curl), e.g. `fleet-producer probe http://127.0.0.1:8082/readyz`.
+    Probe {
+        /// What to ask, e.g. a service's `/readyz`.
+        url: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -117,8 +124,35 @@ async fn run_dlq(settings: Settings, command: Dlq) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `probe`: one GET with a 3 s limit; needs no settings.
+fn probe(url: &str) -> ExitCode {
+    let answered = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let client = reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(3))
+                    .build()?;
+                client.get(url).send().await?.error_for_status()?;
+                Ok(())
+            })
+        });
+    match answered {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{url}: {error:#}");
+            ExitCode::from(fleet_shared::error::EXIT_RUNTIME)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Command::Probe { url } = &args.command {
+        return probe(url);
+    }
     let settings = match fleet_shared::cli::load_settings(args.config.as_deref()) {
         Ok(settings) => settings,
         Err(code) => return code,
@@ -155,5 +189,6 @@ fn main() -> ExitCode {
         }
         Command::Setup => fleet_shared::cli::run(settings, |s, _| fleet_producer::setup::run(s)),
         Command::Dlq { command } => fleet_shared::cli::run(settings, |s, _| run_dlq(s, command)),
+        Command::Probe { .. } => unreachable!("answered before the settings are loaded"),
     }
 }

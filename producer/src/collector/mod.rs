@@ -3,13 +3,14 @@
 //! commit, and serves the read API.
 //!
 //! - [`store`]: the SQLite store.
-//! - [`http`]: the read API.
+//! - [`http`]: the read API, beside `/metrics`, `/healthz` and `/readyz`.
 
 pub mod http;
 pub mod store;
 
 use anyhow::Context as _;
 use fleet_shared::envelope::{self, HEADER_ERROR, ResultMessage};
+use fleet_shared::observe::{Health, Observer};
 use fleet_shared::publisher::{Outgoing, Publisher, header_str};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::redact;
@@ -17,10 +18,12 @@ use fleet_shared::{amqp, topology};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use std::future::IntoFuture as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use store::Store;
+use store::{Store, Stored};
 use tokio_util::sync::CancellationToken;
 
 /// Runs the collector until `shutdown` is cancelled; results already received are stored and
@@ -41,9 +44,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let listener = tokio::net::TcpListener::bind(&settings.collector.listen)
         .await
         .with_context(|| format!("listening on {}", settings.collector.listen))?;
+    let mut observer = Observer::new(Health::default());
+    let metrics = Metrics::register(observer.registry());
+    let (common, health) = (observer.common.clone(), Arc::clone(&observer.health));
     let http_shutdown = CancellationToken::new();
     let server = tokio::spawn(
-        axum::serve(listener, http::router(reader))
+        axum::serve(listener, http::router(reader).merge(observer.router()))
             .with_graceful_shutdown(http_shutdown.clone().cancelled_owned())
             .into_future(),
     );
@@ -58,6 +64,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             "fleet-collector",
             topology::RESULTS_QUEUE,
             prefetch,
+            &common,
             &shutdown,
         )
         .await;
@@ -76,9 +83,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 "fleet-collector started"
             );
         } else {
+            common.reconnects.inc();
             tracing::info!(reconnects = sessions, "fleet-collector consuming again");
         }
         sessions += 1;
+        health.connected(true);
+        health.topology(true);
+        health.consuming(true);
         // After a signal, the group being stored gets `grace_period_secs` to commit and ack.
         let grace = Duration::from_secs(settings.collector.grace_period_secs);
         let grace_over = async {
@@ -90,11 +101,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             );
         };
         let ended = tokio::select! {
-            ended = collect(&mut subscription, &writer, &settings, &shutdown) => ended,
+            ended = collect(&mut subscription, &writer, &metrics, &settings, &shutdown) => ended,
             () = grace_over => Ok(Ended::Shutdown),
         };
         match ended {
             Ok(Ended::Shutdown) => {
+                health.consuming(false);
                 // Whatever arrived before this point is stored and acked; the rest is returned.
                 subscription.cancel().await;
                 subscription.close().await;
@@ -102,6 +114,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             }
             Ok(Ended::Lost(error)) => {
                 tracing::warn!(error = %format!("{error:#}"), "lost the broker; reconnecting");
+                health.lost();
                 subscription.close().await;
             }
             Err(error) => {
@@ -118,6 +131,56 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     outcome
 }
 
+/// The collector's metrics, beside [`fleet_shared::observe::Common`].
+struct Metrics {
+    /// `fleet_results_stored_total`: new results written.
+    stored: Counter,
+    /// `fleet_results_duplicates_total`: results for tasks already stored.
+    duplicates: Counter,
+    /// `fleet_batches_completed_total`: batches whose last result or manifest came in.
+    completed: Counter,
+    /// `fleet_results_dead_lettered_total`: undecodable or misrouted messages on the result path.
+    dead_lettered: Counter,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            stored: Counter::default(),
+            duplicates: Counter::default(),
+            completed: Counter::default(),
+            dead_lettered: Counter::default(),
+        };
+        registry.register(
+            "fleet_results_stored",
+            "New results written to the store",
+            metrics.stored.clone(),
+        );
+        registry.register(
+            "fleet_results_duplicates",
+            "Results for tasks already stored (not stored again)",
+            metrics.duplicates.clone(),
+        );
+        registry.register(
+            "fleet_batches_completed",
+            "Batches whose every result is stored",
+            metrics.completed.clone(),
+        );
+        registry.register(
+            "fleet_results_dead_lettered",
+            "Undecodable or misrouted messages on the result path, sent to fleet.dead",
+            metrics.dead_lettered.clone(),
+        );
+        metrics
+    }
+
+    fn record(&self, stored: &Stored) {
+        self.stored.inc_by(stored.results);
+        self.duplicates.inc_by(stored.duplicates);
+        self.completed.inc_by(stored.completed.len() as u64);
+    }
+}
+
 /// How a session ended.
 enum Ended {
     /// `shutdown` was cancelled; everything received is stored and acked.
@@ -131,6 +194,7 @@ enum Ended {
 async fn collect(
     subscription: &mut amqp::Subscription,
     writer: &Arc<Mutex<Store>>,
+    metrics: &Metrics,
     settings: &Settings,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Ended> {
@@ -166,7 +230,7 @@ async fn collect(
             }
         }
         let flushed = tokio::select! {
-            flushed = flush(writer, &subscription.publisher, &mut group) => flushed,
+            flushed = flush(writer, &subscription.publisher, metrics, &mut group) => flushed,
             why = subscription.lost_watch() => Err(Flush::Broker(why)),
         };
         match flushed {
@@ -216,6 +280,7 @@ fn admit(exchange: &str, message: ResultMessage) -> Result<ResultMessage, String
 async fn flush(
     writer: &Arc<Mutex<Store>>,
     dead: &Publisher,
+    metrics: &Metrics,
     group: &mut Vec<Delivery>,
 ) -> Result<(), Flush> {
     if group.is_empty() {
@@ -230,6 +295,7 @@ async fn flush(
             Ok(message) => messages.push(message),
             Err(reason) => {
                 tracing::warn!(%reason, "dead-lettering a message on the result path");
+                metrics.dead_lettered.inc();
                 dead.publish(Outgoing::forward(
                     topology::DEAD_EXCHANGE,
                     topology::RESULTS_QUEUE,
@@ -259,6 +325,10 @@ async fn flush(
     if stored.duplicates > 0 {
         tracing::info!(duplicates = stored.duplicates, "duplicate results ignored");
     }
+    for batch in &stored.completed {
+        tracing::info!(%batch, "batch complete");
+    }
+    metrics.record(&stored);
     tracing::debug!(
         results = stored.results,
         manifests = stored.manifests,

@@ -26,7 +26,7 @@ pub struct BatchStatus {
 }
 
 /// What one [`Store::store`] call did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stored {
     /// New results stored.
     pub results: u64,
@@ -34,6 +34,8 @@ pub struct Stored {
     pub duplicates: u64,
     /// Batch manifests recorded.
     pub manifests: u64,
+    /// Batches this group completed: their last result or their manifest came in it.
+    pub completed: Vec<String>,
 }
 
 /// A connection to the result database.
@@ -80,6 +82,8 @@ impl Store {
         let now_us = chrono::Utc::now().timestamp_micros();
         let tx = self.conn.transaction()?;
         let mut stored = Stored::default();
+        // Batches this group moved forward: a new result, or their manifest for the first time.
+        let mut touched = std::collections::BTreeSet::new();
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO results (task_id, batch, kind, status, body, stored_at_us)
@@ -112,6 +116,9 @@ impl Store {
                         ])?;
                         if inserted == 1 {
                             stored.results += 1;
+                            if let Some(batch) = &result.batch {
+                                touched.insert(batch.clone());
+                            }
                         } else {
                             stored.duplicates += 1;
                             if let Some(batch) = &result.batch {
@@ -122,6 +129,16 @@ impl Store {
                     ResultMessage::Manifest(BatchManifest {
                         batch, total, kind, ..
                     }) => {
+                        let known: Option<Option<u64>> = tx
+                            .query_row(
+                                "SELECT total FROM batches WHERE batch = ?1",
+                                [batch],
+                                |row| row.get(0),
+                            )
+                            .optional()?;
+                        if known.flatten().is_none() {
+                            touched.insert(batch.clone());
+                        }
                         manifest.execute(params![
                             batch,
                             kind,
@@ -130,6 +147,20 @@ impl Store {
                         stored.manifests += 1;
                     }
                 }
+            }
+        }
+        for batch in touched {
+            let complete: Option<bool> = tx
+                .query_row(
+                    "SELECT total = (SELECT COUNT(*) FROM results WHERE batch = ?1)
+                     FROM batches WHERE batch = ?1",
+                    [&batch],
+                    |row| row.get(0),
+                )
+                .optional()?
+                .flatten();
+            if complete == Some(true) {
+                stored.completed.push(batch);
             }
         }
         tx.commit()?;
@@ -251,7 +282,8 @@ mod tests {
             Stored {
                 results: 2,
                 duplicates: 1,
-                manifests: 0
+                manifests: 0,
+                completed: vec![],
             }
         );
         let status = store.batch("b1").expect("read").expect("known");
@@ -266,16 +298,18 @@ mod tests {
             (None, 2, 1, 1, 1)
         );
         assert!(!status.complete);
-        store
-            .store(&[ResultMessage::Manifest(BatchManifest::new(
-                "b1".into(),
-                2,
-                "square".into(),
-            ))])
-            .expect("store manifest");
+        let manifest =
+            || ResultMessage::Manifest(BatchManifest::new("b1".into(), 2, "square".into()));
+        let stored = store.store(&[manifest()]).expect("store manifest");
+        assert_eq!(stored.completed, ["b1"], "the manifest completes the batch");
         let status = store.batch("b1").expect("read").expect("known");
         assert!(status.complete);
         assert_eq!(status.duplicates, 1);
+        // A redelivered manifest or result does not complete it a second time.
+        let stored = store
+            .store(&[manifest(), result("b", "b1", Status::Ok)])
+            .expect("store again");
+        assert!(stored.completed.is_empty());
         assert!(
             parse(&store.task("a").expect("read").expect("stored"))
                 .is_some_and(|r| r.status == Status::Ok)

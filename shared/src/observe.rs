@@ -1,0 +1,182 @@
+//! What every service shows about itself over HTTP: Prometheus metrics on `/metrics`, liveness on
+//! `/healthz` and readiness on `/readyz`.
+//!
+//! Each service builds one [`Observer`]: a registry it adds its own metrics to, the metrics every
+//! service has ([`Common`]), and its [`Health`]. [`Observer::router`] serves the three routes;
+//! the producer API and the collector merge them into their own router, the consumer serves them
+//! alone on `consumer.listen`.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Buckets for durations in seconds: 1 ms to about 8 min, doubling.
+pub fn duration_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 20)
+}
+
+/// Metrics every service has.
+#[derive(Clone)]
+pub struct Common {
+    /// `fleet_reconnects_total`: sessions started again after the broker was lost.
+    pub reconnects: Counter,
+    /// `fleet_publish_confirm_seconds`: from a publish to the broker's confirm.
+    pub confirm_seconds: Histogram,
+}
+
+/// What `/readyz` checks. A service that publishes only (the producer API) does not consume, and
+/// its readiness ignores `consuming`.
+#[derive(Debug, Default)]
+pub struct Health {
+    connected: AtomicBool,
+    topology: AtomicBool,
+    consuming: AtomicBool,
+    publishes_only: bool,
+}
+
+impl Health {
+    /// Readiness of a service that publishes and does not consume.
+    pub fn publisher() -> Self {
+        Self {
+            publishes_only: true,
+            ..Self::default()
+        }
+    }
+
+    /// The broker connection is up.
+    pub fn connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        if !up {
+            self.consuming.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// The topology is declared (or found in place).
+    pub fn topology(&self, declared: bool) {
+        self.topology.store(declared, Ordering::Relaxed);
+    }
+
+    /// Our consumer is registered with the broker.
+    pub fn consuming(&self, consuming: bool) {
+        self.consuming.store(consuming, Ordering::Relaxed);
+    }
+
+    /// The broker is gone: nothing holds until the next session says so again.
+    pub fn lost(&self) {
+        self.connected(false);
+    }
+
+    /// Ready to do work: connected, topology in place, and consuming (unless publishing only).
+    pub fn is_ready(&self) -> bool {
+        let connected = self.connected.load(Ordering::Relaxed);
+        let topology = self.topology.load(Ordering::Relaxed);
+        let consuming = self.publishes_only || self.consuming.load(Ordering::Relaxed);
+        connected && topology && consuming
+    }
+
+    fn report(&self) -> serde_json::Value {
+        let mut report = serde_json::json!({
+            "ready": self.is_ready(),
+            "connected": self.connected.load(Ordering::Relaxed),
+            "topology": self.topology.load(Ordering::Relaxed),
+        });
+        if !self.publishes_only {
+            report["consuming"] = self.consuming.load(Ordering::Relaxed).into();
+        }
+        report
+    }
+}
+
+/// A service's metrics registry and health.
+pub struct Observer {
+    registry: Registry,
+    /// Metrics every service has, registered already.
+    pub common: Common,
+    /// What `/readyz` reports.
+    pub health: Arc<Health>,
+}
+
+impl Observer {
+    /// A registry holding [`Common`], and `health`.
+    pub fn new(health: Health) -> Self {
+        let mut registry = Registry::default();
+        let common = Common {
+            reconnects: Counter::default(),
+            confirm_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        };
+        registry.register(
+            "fleet_reconnects",
+            "Sessions started again after the broker connection was lost",
+            common.reconnects.clone(),
+        );
+        registry.register(
+            "fleet_publish_confirm_seconds",
+            "Time from a publish to the broker's confirm",
+            common.confirm_seconds.clone(),
+        );
+        Self {
+            registry,
+            common,
+            health: Arc::new(health),
+        }
+    }
+
+    /// The registry, for the service to add its own metrics before [`Observer::router`].
+    pub fn registry(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// `/metrics`, `/healthz` and `/readyz`.
+    pub fn router(self) -> Router {
+        let state = Arc::new(Served {
+            registry: self.registry,
+            health: self.health,
+        });
+        Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .with_state(state)
+    }
+}
+
+struct Served {
+    registry: Registry,
+    health: Arc<Health>,
+}
+
+async fn metrics(State(served): State<Arc<Served>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match encode(&mut body, &served.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("encoding metrics failed: {error}\n"),
+        ),
+    }
+}
+
+async fn readyz(State(served): State<Arc<Served>>) -> impl IntoResponse {
+    let status = if served.health.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(served.health.report()))
+}

@@ -9,6 +9,7 @@ use fleet_shared::envelope::{self, ErrorInfo, Status, TaskResult};
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher, header_str};
 use fleet_shared::settings::Settings;
 use fleet_shared::topology;
+use fleet_shared::trace::TraceParent;
 use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 /// Runs deliveries. Shared by every in-flight delivery of one consumer process.
 pub struct Worker {
@@ -90,9 +92,30 @@ impl Worker {
     /// Handles one delivery to the end, settling it through `publisher` (a confirm channel on
     /// the connection the delivery came on). Never panics and never returns an error: a delivery
     /// it cannot settle is nacked back to the queue (or left for the broker to redeliver).
+    ///
+    /// Everything it logs is inside a `task` span with the task id, kind and the trace id of
+    /// the delivery's `traceparent` (empty when it has none).
     pub async fn handle(self: Arc<Self>, delivery: Delivery, publisher: Publisher) {
+        let trace = TraceParent::of(&delivery.properties);
+        let span = tracing::info_span!(
+            "task",
+            task_id = %delivery.properties.message_id().as_ref().map_or("-", |id| id.as_str()),
+            kind = %delivery.routing_key,
+            trace_id = %trace.map_or_else(String::new, |t| t.trace_id()),
+        );
+        self.handle_in_span(delivery, publisher, trace)
+            .instrument(span)
+            .await;
+    }
+
+    async fn handle_in_span(
+        &self,
+        delivery: Delivery,
+        publisher: Publisher,
+        trace: Option<TraceParent>,
+    ) {
         let _in_flight = self.metrics.handling();
-        let processed = self.process(&delivery, &publisher).await;
+        let processed = self.process(&delivery, &publisher, trace).await;
         if processed.is_ok() {
             self.settled.fetch_add(1, Ordering::Relaxed);
         }
@@ -112,7 +135,12 @@ impl Worker {
         }
     }
 
-    async fn process(&self, delivery: &Delivery, publisher: &Publisher) -> Result<(), SettleError> {
+    async fn process(
+        &self,
+        delivery: &Delivery,
+        publisher: &Publisher,
+        trace: Option<TraceParent>,
+    ) -> Result<(), SettleError> {
         let who = published_by(delivery, self.own_user.as_deref());
         let who = who.as_deref();
         let max = self.settings.consumer.max_message_bytes;
@@ -215,6 +243,12 @@ impl Worker {
             Ok(_) => Outcome::Ok,
             Err(error) => Outcome::Failed(error.clone()),
         };
+        // The result continues the task's trace with a span of ours.
+        let reply = trace.map(|t| t.child());
+        let outgoing = |result: &TaskResult| match &reply {
+            Some(reply) => Outgoing::result(result).traced(reply),
+            None => Outgoing::result(result),
+        };
         let result = |status, output, error| TaskResult {
             v: envelope::VERSION,
             task_id: task.id.clone(),
@@ -228,6 +262,7 @@ impl Worker {
             started_at,
             finished_at,
             published_by: who.map(str::to_owned),
+            traceparent: reply.map(|r| r.to_string()),
         };
         match disposition::decide(
             &outcome,
@@ -238,7 +273,7 @@ impl Worker {
             Disposition::Complete => {
                 let output = output.ok();
                 publisher
-                    .publish(Outgoing::result(&result(Status::Ok, output, None)))
+                    .publish(outgoing(&result(Status::Ok, output, None)))
                     .await?;
                 ack(delivery).await?;
                 self.metrics.ended(kind, TaskOutcome::Ok);
@@ -281,7 +316,7 @@ impl Worker {
                     .map_or_else(String::new, |e| format!("{}: {}", e.kind, e.message));
                 tracing::warn!(task_id = %task.id, kind = %task.kind, attempts = attempt + 1, %reason, "task failed");
                 publisher
-                    .publish(Outgoing::result(&result(Status::Failed, None, error)))
+                    .publish(outgoing(&result(Status::Failed, None, error)))
                     .await?;
                 dead_letter(publisher, delivery, &reason, attempt + 1, who).await?;
                 self.metrics.ended(kind, TaskOutcome::Failed);
@@ -304,7 +339,10 @@ impl Worker {
         permit: Slot,
     ) -> BoxFuture<'static, (Result<Value, HandlerError>, String)> {
         let (tx, rx) = oneshot::channel();
+        // What the handler logs on the pool thread belongs to the task's span too.
+        let span = tracing::Span::current();
         self.pool.spawn(move || {
+            let _span = span.enter();
             let slot =
                 rayon::current_thread_index().map_or_else(|| "?".to_owned(), |i| i.to_string());
             let outcome =

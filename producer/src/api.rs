@@ -9,17 +9,18 @@ use crate::submit;
 use anyhow::Context as _;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use deadpool::managed::{Manager, RecycleError, RecycleResult};
-use fleet_shared::amqp;
-use fleet_shared::envelope::Task;
+use fleet_shared::envelope::{HEADER_TRACEPARENT, Task};
 use fleet_shared::observe::{Health, Observer};
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher};
 use fleet_shared::settings::{Secret, Settings};
 use fleet_shared::telemetry::redact;
+use fleet_shared::trace::TraceParent;
+use fleet_shared::{amqp, topology};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -187,6 +188,7 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         broker = %redact(&settings.amqp.url),
+        exchange = topology::TASKS_EXCHANGE,
         listen = %settings.producer.listen,
         pool = settings.producer.pool_size,
         token_required = settings.producer.token.is_some(),
@@ -342,25 +344,50 @@ fn check_kind(kind: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The trace the tasks of a request join: the caller's `traceparent` (a valid one) continued
+/// with a span of ours, or a new trace.
+fn trace_of(headers: &HeaderMap) -> TraceParent {
+    headers
+        .get(HEADER_TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
+        .map_or_else(TraceParent::root, |caller| caller.child())
+}
+
+/// 202 with `body`, and the `traceparent` the tasks were published with.
+fn accepted(body: Value, trace: &TraceParent) -> Response {
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(value) = axum::http::HeaderValue::from_str(&trace.to_string()) {
+        response.headers_mut().insert(HEADER_TRACEPARENT, value);
+    }
+    response
+}
+
 async fn create_task(
     State(app): State<Arc<App>>,
+    headers: HeaderMap,
     body: Result<Json<NewTask>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(new) = body.map_err(bad_request)?;
     check_kind(&new.kind)?;
+    let trace = trace_of(&headers);
     let id = new.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let task_kind = new.kind.clone();
     let task = Task::new(id.clone(), new.kind, None, new.payload);
     app.publish("task", |publisher| async move {
-        publisher.publish(Outgoing::task(&task)).await
+        publisher
+            .publish(Outgoing::task(&task).traced(&trace))
+            .await
     })
     .await?;
     app.metrics.published(&task_kind, 1);
-    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response())
+    tracing::debug!(task_id = %id, trace_id = %trace.trace_id(), kind = %task_kind, "task published");
+    Ok(accepted(json!({ "id": id }), &trace))
 }
 
 async fn create_batch(
     State(app): State<Arc<App>>,
+    headers: HeaderMap,
     body: Result<Json<NewBatch>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(new) = body.map_err(bad_request)?;
@@ -371,16 +398,20 @@ async fn create_batch(
             format!("`payloads` must hold 1 to {} payloads", app.max_batch),
         ));
     }
-    let kind = new.kind.clone();
-    let receipt = app
-        .publish("batch", |publisher| async move {
-            submit::publish_batch(&publisher, &new.kind, new.payloads).await
-        })
-        .await?;
-    app.metrics.published(&kind, receipt.task_ids.len() as u64);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "batch": receipt.batch, "total": receipt.task_ids.len() })),
-    )
-        .into_response())
+    let trace = trace_of(&headers);
+    let submit::Batch { receipt, messages } = submit::batch_in(&new.kind, new.payloads, &trace);
+    app.publish("batch", |publisher| async move {
+        publisher
+            .publish_all(messages)
+            .await
+            .map_err(|unconfirmed| unconfirmed.error)
+    })
+    .await?;
+    app.metrics
+        .published(&new.kind, receipt.task_ids.len() as u64);
+    tracing::debug!(batch = %receipt.batch, trace_id = %trace.trace_id(), kind = %new.kind, "batch published");
+    Ok(accepted(
+        json!({ "batch": receipt.batch, "total": receipt.task_ids.len() }),
+        &trace,
+    ))
 }

@@ -3,6 +3,7 @@
 //! - [`submit`]: publish one batch of tasks (the `submit` CLI and the seed's `demo`).
 //! - [`api`]: the producer's HTTP API (`serve`), publishing through a deadpool pool of fleet connections.
 //! - [`client`]: a client of the collector's read API (`submit --wait`, `demo`).
+//! - [`progress`]: a batch followed to its end with a progress bar (`submit --wait`, `watch`).
 //! - [`dlq`]: list, replay and purge dead letters (`dlq`).
 //! - [`definitions`]: RabbitMQ definitions with a user per role and fresh passwords.
 //! - [`demo`]: the seed's task_master.py: ten random `square` tasks, results printed as they come.
@@ -17,5 +18,6 @@ pub mod definitions;
 pub mod demo;
 pub mod dlq;
 pub mod problem;
+pub mod progress;
 pub mod setup;
 pub mod submit;

@@ -5,6 +5,7 @@ use fleet_shared::envelope::{BatchManifest, Task};
 use fleet_shared::error::UsageError;
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher};
 use fleet_shared::settings::Settings;
+use fleet_shared::trace::TraceParent;
 use fleet_shared::{amqp, topology};
 use serde_json::Value;
 use std::io::BufRead;
@@ -51,11 +52,17 @@ pub struct Batch {
     pub messages: Vec<Outgoing>,
 }
 
-/// Builds a batch of `kind` with a fresh batch id and one task (with a fresh id) per payload.
+/// Builds a batch of `kind` with a fresh batch id and one task (with a fresh id) per payload, in
+/// a new trace.
 ///
 /// The manifest goes first so the collector usually knows the total before results arrive (it
 /// copes with either order).
 pub fn batch(kind: &str, payloads: Vec<Value>) -> Batch {
+    batch_in(kind, payloads, &TraceParent::root())
+}
+
+/// As [`batch`], every task carrying `trace` as its `traceparent` header.
+pub fn batch_in(kind: &str, payloads: Vec<Value>, trace: &TraceParent) -> Batch {
     let batch = uuid::Uuid::now_v7().to_string();
     let total = u64::try_from(payloads.len()).unwrap_or(u64::MAX);
     let mut messages = Vec::with_capacity(payloads.len() + 1);
@@ -72,7 +79,7 @@ pub fn batch(kind: &str, payloads: Vec<Value>) -> Batch {
             Some(batch.clone()),
             payload,
         );
-        messages.push(Outgoing::task(&task));
+        messages.push(Outgoing::task(&task).traced(trace));
         task_ids.push(task.id);
     }
     Batch {
@@ -192,17 +199,24 @@ pub async fn run(
     if payloads.is_empty() {
         return Err(UsageError(format!("{} holds no payloads", submission.input.display())).into());
     }
-    let Batch { receipt, messages } = batch(&submission.kind, payloads);
+    // One trace for the batch: the caller's, from $TRACEPARENT (as other W3C tools pass it), or
+    // a new one.
+    let trace = std::env::var("TRACEPARENT")
+        .ok()
+        .and_then(|t| TraceParent::parse(&t))
+        .map_or_else(TraceParent::root, |caller| caller.child());
+    let Batch { receipt, messages } = batch_in(&submission.kind, payloads, &trace);
     publish_reliably(&settings, "fleet-producer-submit", messages)
         .await
         .context("publishing the batch")?;
+    tracing::info!(batch = %receipt.batch, trace_id = %trace.trace_id(), tasks = receipt.task_ids.len(), "batch published");
     println!("{}", receipt.batch);
     if !(submission.wait || submission.output.is_some()) {
         return Ok(());
     }
     let client = crate::client::CollectorClient::new(&submission.collector);
     let total = u64::try_from(receipt.task_ids.len()).unwrap_or(u64::MAX);
-    let status = follow(&client, &receipt.batch, total, &shutdown).await?;
+    let status = crate::progress::follow(&client, &receipt.batch, Some(total), &shutdown).await?;
     if let Some(path) = &submission.output {
         let results = client.results(&receipt.batch).await?;
         let mut text = String::new();
@@ -222,38 +236,4 @@ pub async fn run(
         .into());
     }
     Ok(())
-}
-
-/// Polls the collector with a progress bar until the batch is complete.
-async fn follow(
-    client: &crate::client::CollectorClient,
-    batch: &str,
-    total: u64,
-    shutdown: &tokio_util::sync::CancellationToken,
-) -> anyhow::Result<crate::collector::store::BatchStatus> {
-    let bar = indicatif::ProgressBar::new(total).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta}) {msg}",
-        )
-        .expect("the progress template is valid"),
-    );
-    loop {
-        if shutdown.is_cancelled() {
-            bar.abandon_with_message("interrupted");
-            anyhow::bail!("interrupted while waiting for batch {batch}");
-        }
-        if let Some(status) = client.batch(batch).await? {
-            bar.set_position(status.done);
-            bar.set_message(format!("ok {} failed {}", status.ok, status.failed));
-            if status.complete {
-                bar.finish();
-                eprintln!(
-                    "batch {batch}: {} ok, {} failed, {} duplicates",
-                    status.ok, status.failed, status.duplicates
-                );
-                return Ok(status);
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
 }

@@ -112,6 +112,10 @@ pub struct TaskResult {
     /// when it set one.
     #[serde(default)]
     pub published_by: Option<String>,
+    /// The W3C `traceparent` the consumer sent the result with: the task's trace, the consumer's
+    /// span. Absent when the task came without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Published to the result path with a batch, so the collector knows its size.
@@ -257,6 +261,7 @@ mod tests {
             started_at: now,
             finished_at: now,
             published_by: None,
+            traceparent: None,
         };
         assert_eq!(
             decode_result(&encode(&result)).expect("decodes"),

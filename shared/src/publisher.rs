@@ -3,6 +3,7 @@
 
 use crate::envelope::{self, BatchManifest, Task, TaskResult};
 use crate::topology;
+use crate::trace::TraceParent;
 use chrono::Utc;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -103,6 +104,18 @@ impl Outgoing {
             body: envelope::encode(task),
             properties,
         }
+    }
+
+    /// This message with the W3C `traceparent` header set to `trace`.
+    #[must_use]
+    pub fn traced(mut self, trace: &TraceParent) -> Self {
+        let mut headers = self.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            envelope::HEADER_TRACEPARENT.into(),
+            AMQPValue::LongString(trace.to_string().into()),
+        );
+        self.properties = self.properties.with_headers(headers);
+        self
     }
 
     /// A result for exchange `fleet.results` (routing key = kind, for tracing only).

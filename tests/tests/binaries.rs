@@ -186,6 +186,19 @@ async fn submit_wait_exits_0_when_all_ok_and_4_when_any_failed_and_writes_the_re
     );
     let batch = String::from_utf8_lossy(&ok.stdout).trim().to_owned();
     assert_eq!(batch.len(), 36, "prints the batch id: {batch}");
+    let summary = |output: &Output| {
+        String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .find(|l| l.starts_with("batch "))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let done = summary(&ok);
+    assert!(
+        done.starts_with(&format!("batch {batch}: 3 ok, 0 failed, 0 duplicates in "))
+            && done.ends_with(" tasks/s)"),
+        "a final summary with the wall time and rate: {done}"
+    );
     let lines = std::fs::read_to_string(&output).expect("results written");
     let mut squares: Vec<i64> = lines
         .lines()
@@ -218,6 +231,64 @@ async fn submit_wait_exits_0_when_all_ok_and_4_when_any_failed_and_writes_the_re
             .count(),
         2
     );
+    let failed_batch = String::from_utf8_lossy(&failed.stdout).trim().to_owned();
+
+    // `fleet-collector watch`: a finished batch at once (exit 4 when a task failed), and a
+    // running one until its end.
+    let watch = |batch: &str| {
+        vec![
+            "watch".to_owned(),
+            batch.to_owned(),
+            "--collector".to_owned(),
+            settings.producer.collector_url.clone(),
+        ]
+    };
+    let watched = run_async(
+        "fleet-collector",
+        watch(&batch),
+        fleet_env(&settings, &vhost),
+    )
+    .await;
+    assert_eq!(watched.status.code(), Some(0));
+    assert!(summary(&watched).starts_with(&format!("batch {batch}: 3 ok, 0 failed, 0 duplicates")));
+    let watched = run_async(
+        "fleet-collector",
+        watch(&failed_batch),
+        fleet_env(&settings, &vhost),
+    )
+    .await;
+    assert_eq!(watched.status.code(), Some(4));
+    assert!(summary(&watched).starts_with(&format!("batch {failed_batch}: 1 ok, 1 failed")));
+    std::fs::write(&input, "{\"ms\": 1500}\n".repeat(6)).expect("input");
+    let submitted = run_async(
+        "fleet-producer",
+        vec![
+            "submit".to_owned(),
+            "sleep".to_owned(),
+            "--input".to_owned(),
+            input.display().to_string(),
+        ],
+        fleet_env(&settings, &vhost),
+    )
+    .await;
+    assert!(submitted.status.success());
+    let running = String::from_utf8_lossy(&submitted.stdout).trim().to_owned();
+    let watched = run_async(
+        "fleet-collector",
+        watch(&running),
+        fleet_env(&settings, &vhost),
+    )
+    .await;
+    assert_eq!(watched.status.code(), Some(0));
+    let line = summary(&watched);
+    assert!(line.starts_with(&format!("batch {running}: 6 ok, 0 failed")));
+    let waited: f64 = line
+        .split(" in ")
+        .nth(1)
+        .and_then(|rest| rest.split('s').next())
+        .and_then(|secs| secs.parse().ok())
+        .expect("the wall time");
+    assert!(waited >= 0.5, "it followed the batch while it ran: {line}");
 
     let demo = run_async(
         "fleet-producer",

@@ -287,3 +287,133 @@ async fn readiness_follows_the_broker_and_liveness_does_not() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_callers_traceparent_reaches_the_result_and_every_log_line_about_the_task() {
+    let vhost = Vhost::new();
+    let log = std::env::temp_dir().join(format!("fleet-trace-{}.log", uuid::Uuid::new_v4()));
+    let env = vhost.env(&[
+        ("FLEET_LOG__FORMAT", "json"),
+        ("RUST_LOG", "info"),
+        ("FLEET_CONSUMER__KINDS__SLEEP__TIME_LIMIT_MS", "50"),
+        ("FLEET_CONSUMER__KINDS__SLEEP__MAX_ATTEMPTS", "2"),
+        ("FLEET_CONSUMER__KINDS__SLEEP__RETRY_DELAYS_MS", "100"),
+    ]);
+    let settings = settings_of(&env);
+    let logs = ["collector", "producer", "consumer"].map(|s| log.with_extension(s));
+    let collector = Process::spawn_logged("fleet-collector", &[], &env, &logs[0]);
+    let producer = Process::spawn_logged("fleet-producer", &["serve"], &env, &logs[1]);
+    let consumer = Process::spawn_logged("fleet-consumer", &[], &env, &logs[2]);
+    let producer_base = format!("http://{}", settings.producer.listen);
+    eventually("the API", Duration::from_secs(30), || async {
+        (status_of(&producer_base, "/readyz").await == Some(200)).then_some(())
+    })
+    .await;
+
+    // The caller's trace; a task that fails (its time limit, twice) and one that succeeds.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let http = reqwest::Client::new();
+    let mut sent = Vec::new();
+    for (kind, payload) in [
+        ("sleep", json!({ "ms": 5_000 })),
+        ("square", json!({ "n": 7 })),
+    ] {
+        let id = format!("traced-{kind}-{}", uuid::Uuid::new_v4());
+        let accepted = http
+            .post(format!("{producer_base}/v1/tasks"))
+            .header("traceparent", &caller)
+            .json(&json!({ "kind": kind, "payload": payload, "id": id }))
+            .send()
+            .await
+            .expect("POST /v1/tasks");
+        assert_eq!(accepted.status(), 202);
+        let ours = accepted.headers()["traceparent"]
+            .to_str()
+            .expect("ASCII")
+            .to_owned();
+        assert!(
+            ours.starts_with(&format!("00-{trace_id}-")) && ours != caller,
+            "the producer continues the caller's trace with a span of its own: {ours}"
+        );
+        sent.push((id, ours));
+    }
+
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    for (id, producer_span) in &sent {
+        let result = eventually(
+            &format!("the result of {id}"),
+            Duration::from_secs(30),
+            || async { client.task(id).await.ok().flatten() },
+        )
+        .await;
+        let traceparent = result.traceparent.expect("the result carries the trace");
+        assert!(traceparent.starts_with(&format!("00-{trace_id}-")));
+        assert_ne!(&traceparent, producer_span, "the consumer's own span");
+    }
+    assert!(consumer.terminate(Duration::from_secs(30)).success());
+
+    // Every line the consumer logged about either task is in its span with the trace id, and
+    // the failing one was logged about (its time limit, the failure, the dead letter).
+    let text = std::fs::read_to_string(&logs[2]).expect("the consumer's log");
+    let mut about_the_failing_task = 0;
+    for line in text.lines() {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("a JSON log line: {e}: {line}"));
+        for (id, _) in &sent {
+            if !line.contains(id.as_str()) {
+                continue;
+            }
+            assert_eq!(entry["span"]["task_id"], id.as_str(), "{line}");
+            assert_eq!(entry["span"]["trace_id"], trace_id, "{line}");
+            if id.starts_with("traced-sleep") {
+                about_the_failing_task += 1;
+            }
+        }
+    }
+    assert!(
+        about_the_failing_task >= 4,
+        "two time limits, the failure and the dead letter were logged:\n{text}"
+    );
+
+    for service in [producer, collector] {
+        assert!(service.terminate(Duration::from_secs(30)).success());
+    }
+
+    // Each service's first line is its banner: version, the broker with the password hidden,
+    // and what it serves. No line anywhere holds the password.
+    for (file, banner, fields) in [
+        (
+            &logs[0],
+            "fleet-collector started",
+            &["queue", "db", "listen"][..],
+        ),
+        (
+            &logs[1],
+            "fleet-producer serving",
+            &["exchange", "listen", "pool"][..],
+        ),
+        (
+            &logs[2],
+            "fleet-consumer started",
+            &["queue", "workers", "io_concurrency", "prefetch", "listen"][..],
+        ),
+    ] {
+        let text = std::fs::read_to_string(file).expect("a service log");
+        let first: serde_json::Value =
+            serde_json::from_str(text.lines().next().expect("a first line")).expect("JSON");
+        assert_eq!(first["message"], banner, "{text}");
+        assert_eq!(first["version"], env!("CARGO_PKG_VERSION"));
+        let broker = first["broker"].as_str().expect("the broker");
+        assert!(broker.starts_with("amqp://guest:***@"), "{broker}");
+        for field in fields {
+            assert!(!first[field].is_null(), "{banner} shows {field}: {first}");
+        }
+        assert!(
+            !text.contains("guest:guest"),
+            "a password in {}",
+            file.display()
+        );
+        let _ = std::fs::remove_file(file);
+    }
+}

@@ -538,6 +538,7 @@ async fn results_and_manifests_count_only_from_their_own_exchange() {
         started_at: chrono::Utc::now(),
         finished_at: chrono::Utc::now(),
         published_by: None,
+        traceparent: None,
     };
     let mut forged = Outgoing::result(&result("forged-1"));
     forged.exchange = topology::BATCHES_EXCHANGE.to_owned();

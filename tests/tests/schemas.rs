@@ -53,8 +53,12 @@ fn encoded_messages_match_the_shipped_schemas() {
         started_at: Utc::now(),
         finished_at: Utc::now(),
         published_by: None,
+        traceparent: Some(fleet_shared::trace::TraceParent::root().to_string()),
     };
     assert!(result.is_valid(&encoded(&failed)));
+    let mut bad_trace = encoded(&failed);
+    bad_trace["traceparent"] = json!("not-a-traceparent");
+    assert!(!result.is_valid(&bad_trace));
     assert!(!result.is_valid(&json!({ "v": 1, "task_id": "x", "status": "maybe" })));
 
     let manifest = schema("batch.v1.json");

@@ -14,6 +14,7 @@ use fleet_shared::observe::{Health, Observer};
 use fleet_shared::publisher::{Outgoing, Publisher, header_str};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::redact;
+use fleet_shared::trace::TraceParent;
 use fleet_shared::{amqp, topology};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -294,7 +295,12 @@ async fn flush(
         match admitted {
             Ok(message) => messages.push(message),
             Err(reason) => {
-                tracing::warn!(%reason, "dead-lettering a message on the result path");
+                tracing::warn!(
+                    task_id = delivery.properties.message_id().as_ref().map_or("-", |id| id.as_str()),
+                    trace_id = TraceParent::of(&delivery.properties).map_or_else(String::new, |t| t.trace_id()),
+                    %reason,
+                    "dead-lettering a message on the result path"
+                );
                 metrics.dead_lettered.inc();
                 dead.publish(Outgoing::forward(
                     topology::DEAD_EXCHANGE,

@@ -262,6 +262,7 @@ mod tests {
             started_at: Utc::now(),
             finished_at: Utc::now(),
             published_by: None,
+            traceparent: None,
         })
     }
 

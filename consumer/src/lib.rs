@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use fleet_shared::observe::{Health, Observer};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::redact;
-use fleet_shared::{amqp, topology};
+use fleet_shared::{amqp, status, topology};
 use futures_util::StreamExt;
 use metrics::Metrics;
 use registry::Registry;
@@ -106,6 +106,21 @@ pub async fn run(
         health.topology(true);
         health.consuming(true);
         let lost = CancellationToken::new();
+        // Status beats for `fleet-producer status`, until this session ends.
+        let beats = CancellationToken::new();
+        let _beats = beats.clone().drop_guard();
+        let tracker = in_flight.clone();
+        let prefetch = settings.prefetch();
+        // A delivery counts from its arrival until its handling ends, a moment after its ack;
+        // the broker never lets more than the prefetch be unacked.
+        status::spawn_beats(
+            subscription.channel.clone(),
+            "consumer",
+            topology::WORK_QUEUE,
+            prefetch,
+            move || (tracker.len() as u64).min(u64::from(prefetch)),
+            beats,
+        );
         let widen_at = (settings.prefetch() > 1).then(|| worker.settled() + 1);
         match consume(
             &mut subscription,

@@ -8,6 +8,7 @@
 //! - [`definitions`]: RabbitMQ definitions with a user per role and fresh passwords.
 //! - [`demo`]: the seed's task_master.py: ten random `square` tasks, results printed as they come.
 //! - [`setup`]: the admin step that declares the topology (`setup`).
+//! - [`status`]: every queue's ready, unacked and consumer counts over AMQP (`status`).
 //! - [`problem`]: the JSON error answer of both HTTP APIs.
 //! - [`collector`]: the `fleet-collector` service: results into SQLite, and its read API.
 
@@ -20,4 +21,5 @@ pub mod dlq;
 pub mod problem;
 pub mod progress;
 pub mod setup;
+pub mod status;
 pub mod submit;

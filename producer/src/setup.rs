@@ -21,12 +21,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .context("declaring the topology (this needs a user that may configure fleet's names)")?;
     let _ = connection.close(200, "set up".into()).await;
     println!(
-        "topology declared: exchanges {}, {}, {}, {}, {}; queues {}, {}, {} and {} delay queues",
+        "topology declared: exchanges {}, {}, {}, {}, {}, {}; queues {}, {}, {} and {} delay queues",
         topology::TASKS_EXCHANGE,
         topology::RETRY_EXCHANGE,
         topology::DEAD_EXCHANGE,
         topology::RESULTS_EXCHANGE,
         topology::BATCHES_EXCHANGE,
+        topology::STATUS_EXCHANGE,
         topology::WORK_QUEUE,
         topology::DEAD_QUEUE,
         topology::RESULTS_QUEUE,

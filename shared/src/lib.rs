@@ -10,6 +10,7 @@
 //! - [`publisher`]: a confirmed, mandatory, persistent publisher with a window of confirms in flight.
 //! - [`error`]: the error types callers match on and the process exit codes.
 //! - [`cli`]: the few lines every binary's `main` shares.
+//! - [`status`]: status beats from the services, and `fleet-producer status` reading them.
 //! - [`trace`]: W3C `traceparent`, carried from the submit to the result.
 //! - [`observe`]: `/metrics`, `/healthz` and `/readyz`, the metrics every service has.
 
@@ -22,6 +23,7 @@ pub mod publisher;
 pub mod roles;
 pub mod settings;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 pub mod topology;
 pub mod trace;

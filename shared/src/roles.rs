@@ -37,19 +37,19 @@ pub const PRODUCER: Role = Role {
     read: NOTHING,
 };
 
-/// Takes tasks; publishes results, retries and dead letters.
+/// Takes tasks; publishes results, retries, dead letters and status beats.
 pub const CONSUMER: Role = Role {
     name: "consumer",
     configure: NOTHING,
-    write: r"^fleet\.(results|retry|dead)$",
+    write: r"^fleet\.(results|retry|dead|status)$",
     read: r"^fleet\.tasks\.default$",
 };
 
-/// Takes results and manifests; dead-letters undecodable ones.
+/// Takes results and manifests; dead-letters undecodable ones; publishes status beats.
 pub const COLLECTOR: Role = Role {
     name: "collector",
     configure: NOTHING,
-    write: r"^fleet\.dead$",
+    write: r"^fleet\.(dead|status)$",
     read: r"^fleet\.results$",
 };
 

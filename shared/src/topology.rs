@@ -39,6 +39,17 @@ pub const RESULTS_QUEUE: &str = "fleet.results";
 pub const RESULTS_EXCHANGE: &str = "fleet.results";
 /// Producers publish batch manifests here (fanout to [`RESULTS_QUEUE`]).
 pub const BATCHES_EXCHANGE: &str = "fleet.batches";
+/// Consumers and the collector publish a status beat here every few seconds (fanout, bound to
+/// nothing until `fleet-producer status` listens; see [`crate::status`]).
+pub const STATUS_EXCHANGE: &str = "fleet.status";
+
+/// Every queue the topology has: work, delay queues, dead letters, results.
+pub fn queues(settings: &Settings) -> Vec<String> {
+    std::iter::once(WORK_QUEUE.to_owned())
+        .chain(settings.all_retry_delays().into_iter().map(retry_queue))
+        .chain([DEAD_QUEUE.to_owned(), RESULTS_QUEUE.to_owned()])
+        .collect()
+}
 
 /// The delay queue holding retries that wait `delay_ms`.
 pub fn retry_queue(delay_ms: u64) -> String {
@@ -107,6 +118,14 @@ pub async fn declare(channel: &Channel, all: &Settings) -> lapin::Result<()> {
         .exchange_declare(
             RETRY_EXCHANGE.into(),
             ExchangeKind::Headers,
+            exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            STATUS_EXCHANGE.into(),
+            ExchangeKind::Fanout,
             exchange,
             FieldTable::default(),
         )
@@ -281,6 +300,7 @@ async fn check(channel: &Channel, settings: &Settings) -> lapin::Result<()> {
         (RETRY_EXCHANGE, ExchangeKind::Headers),
         (RESULTS_EXCHANGE, ExchangeKind::Fanout),
         (BATCHES_EXCHANGE, ExchangeKind::Fanout),
+        (STATUS_EXCHANGE, ExchangeKind::Fanout),
     ] {
         channel
             .exchange_declare(name.into(), kind, passive_exchange, FieldTable::default())
@@ -290,11 +310,7 @@ async fn check(channel: &Channel, settings: &Settings) -> lapin::Result<()> {
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    let queues = [WORK_QUEUE, DEAD_QUEUE, RESULTS_QUEUE]
-        .map(str::to_owned)
-        .into_iter()
-        .chain(settings.all_retry_delays().into_iter().map(retry_queue));
-    for name in queues {
+    for name in queues(settings) {
         channel
             .queue_declare(name.as_str().into(), passive_queue, FieldTable::default())
             .await?;

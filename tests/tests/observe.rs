@@ -417,3 +417,129 @@ async fn a_callers_traceparent_reaches_the_result_and_every_log_line_about_the_t
         let _ = std::fs::remove_file(file);
     }
 }
+
+/// `fleet-producer status --json` with `env`: one reading.
+async fn status_json(env: &[(String, String)]) -> (fleet_shared::status::Status, String) {
+    let env = env.to_vec();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(fleet_tests::process::binary("fleet-producer"))
+            .args(["status", "--json"])
+            .env_clear()
+            .envs(env)
+            .output()
+            .expect("running fleet-producer status")
+    })
+    .await
+    .expect("the blocking task ran");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    let status = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    (status, stderr)
+}
+
+fn queue<'a>(
+    status: &'a fleet_shared::status::Status,
+    name: &str,
+) -> &'a fleet_shared::status::QueueStatus {
+    status
+        .queues
+        .iter()
+        .find(|q| q.queue == name)
+        .unwrap_or_else(|| panic!("{name} in the status"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_shows_ready_unacked_and_consumers_of_every_queue_over_amqp() {
+    let vhost = Vhost::new();
+    let env = vhost.env(&[
+        ("FLEET_CONSUMER__WORKERS", "1"),
+        ("FLEET_CONSUMER__PREFETCH_PER_WORKER", "4"),
+        ("FLEET_CONSUMER__IO_CONCURRENCY", "4"),
+    ]);
+    let settings = settings_of(&env);
+    let collector = Process::spawn("fleet-collector", &[], &env);
+    let consumer = Process::spawn("fleet-consumer", &[], &env);
+    let (connection, publisher) = connect_publisher(&settings, "test-status")
+        .await
+        .expect("connect");
+    let slow: Vec<_> = (0..40).map(|_| json!({ "ms": 4_000 })).collect();
+    let receipt = fleet_producer::submit::publish_batch(&publisher, "sleep", slow)
+        .await
+        .expect("published");
+    let _ = connection.close(200, "done".into()).await;
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let done = || async {
+        client
+            .batch(&receipt.batch)
+            .await
+            .expect("the collector answers")
+            .map_or(0, |s| s.done)
+    };
+
+    // As guest (an administrator here): the consumer holds its full prefetch, four run, the
+    // rest wait; each queue shows its consumers. (Right after the slow start a second, cancelled
+    // consumer may still hold a delivery until it is acked; the broker counts it till then.)
+    let (status, before, after) = eventually(
+        "one consumer holding its full prefetch",
+        Duration::from_secs(30),
+        || async {
+            let before = done().await;
+            let (status, _) = status_json(&env).await;
+            let after = done().await;
+            let work = queue(&status, topology::WORK_QUEUE);
+            (work.unacked == Some(4) && work.consumers == 1).then_some((status, before, after))
+        },
+    )
+    .await;
+    let work = queue(&status, topology::WORK_QUEUE);
+    let implied_done = 40 - 4 - i64::from(work.ready);
+    assert!(
+        (i64::try_from(before).expect("small")..=i64::try_from(after).expect("small"))
+            .contains(&implied_done),
+        "ready + unacked + done = 40: {work:?}, {before} to {after} done"
+    );
+    let results = queue(&status, topology::RESULTS_QUEUE);
+    assert_eq!((results.consumers, results.unacked), (1, Some(0)));
+    let dead = queue(&status, topology::DEAD_QUEUE);
+    assert_eq!((dead.ready, dead.unacked, dead.consumers), (0, Some(0), 0));
+    assert_eq!(
+        status.queues.len(),
+        3 + settings.all_retry_delays().len(),
+        "work, dead, results and every delay queue: {status:?}"
+    );
+    let mut services: Vec<(&str, u16)> = status
+        .services
+        .iter()
+        .map(|b| (b.service.as_str(), b.prefetch))
+        .collect();
+    services.sort_unstable();
+    assert_eq!(services, [("collector", 2_000), ("consumer", 4)]);
+
+    // A user that may not listen to beats gets the counts, and `?` for unacked.
+    let producer = fleet_tests::User::new();
+    let role = fleet_shared::roles::PRODUCER;
+    producer.permit(&vhost.name, role.configure, role.write, role.read);
+    let (status, note) = status_json(&vhost.env_as(&producer, &[])).await;
+    assert!(note.contains("unacked counts need"), "{note}");
+    let work = queue(&status, topology::WORK_QUEUE);
+    assert_eq!((work.consumers, work.unacked), (1, None));
+
+    // --watch prints a reading every two seconds until a signal.
+    let log = vhost.dir.join("status-watch.log");
+    let watch = Process::spawn_logged(
+        "fleet-producer",
+        &["status", "--json", "--watch"],
+        &env,
+        &log,
+    );
+    eventually("two readings", Duration::from_secs(20), || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.lines().filter(|l| l.starts_with('{')).count() >= 2).then_some(())
+    })
+    .await;
+    assert!(watch.terminate(Duration::from_secs(10)).success());
+
+    for service in [consumer, collector] {
+        assert!(service.terminate(Duration::from_secs(40)).success());
+    }
+}

@@ -166,6 +166,14 @@ async fn every_role_may_do_what_it_needs_and_nothing_else() {
         ),
         (Op::Publish(""), [true, false, false, false]),
         (
+            Op::Publish(topology::STATUS_EXCHANGE),
+            [true, false, true, true],
+        ),
+        (
+            Op::DeclareQueue("fleet.status.probe"),
+            [true, false, false, false],
+        ),
+        (
             Op::Consume(topology::WORK_QUEUE),
             [true, false, true, false],
         ),

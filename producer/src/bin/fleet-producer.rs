@@ -1,6 +1,6 @@
 //! `fleet-producer`: submit tasks (`submit`), serve the HTTP API (`serve`), run the seed's
-//! master demo (`demo`), list, replay and purge dead letters (`dlq`), or check a service's
-//! health endpoint (`probe`). Settings from `--config PATH` / `FLEET_CONFIG` and `FLEET_*` variables.
+//! master demo (`demo`), list, replay and purge dead letters (`dlq`), show every queue
+//! (`status`), or check a service's health endpoint (`probe`). Settings from `--config PATH` / `FLEET_CONFIG` and `FLEET_*` variables.
 
 use clap::{Parser, Subcommand};
 use fleet_producer::dlq;
@@ -59,6 +59,16 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: Dlq,
+    },
+    /// Every queue's ready, unacked and consumer counts, over AMQP (no management plugin);
+    /// unacked counts need the admin user.
+    Status {
+        /// Redraw every 2 s until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// One JSON object per reading instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// GET URL and exit 0 if it answers 2xx, 1 otherwise: a container healthcheck (the image has
     /// no curl), e.g. `fleet-producer probe http://127.0.0.1:8082/readyz`.
@@ -189,6 +199,16 @@ fn main() -> ExitCode {
         }
         Command::Setup => fleet_shared::cli::run(settings, |s, _| fleet_producer::setup::run(s)),
         Command::Dlq { command } => fleet_shared::cli::run(settings, |s, _| run_dlq(s, command)),
+        Command::Status { watch, json } => {
+            let output = if json {
+                fleet_producer::status::Output::Json
+            } else {
+                fleet_producer::status::Output::Table
+            };
+            fleet_shared::cli::run(settings, move |s, shutdown| {
+                fleet_producer::status::run(s, output, watch, shutdown)
+            })
+        }
         Command::Probe { .. } => unreachable!("answered before the settings are loaded"),
     }
 }

@@ -15,13 +15,14 @@ use fleet_shared::publisher::{Outgoing, Publisher, header_str};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::redact;
 use fleet_shared::trace::TraceParent;
-use fleet_shared::{amqp, topology};
+use fleet_shared::{amqp, status, topology};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use std::future::IntoFuture as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::{Store, Stored};
@@ -91,6 +92,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         health.connected(true);
         health.topology(true);
         health.consuming(true);
+        // Status beats for `fleet-producer status`, until this session ends.
+        let pending = Arc::new(AtomicU64::new(0));
+        let beats = CancellationToken::new();
+        let _beats = beats.clone().drop_guard();
+        let held = Arc::clone(&pending);
+        status::spawn_beats(
+            subscription.channel.clone(),
+            "collector",
+            topology::RESULTS_QUEUE,
+            prefetch,
+            move || held.load(Ordering::Relaxed),
+            beats,
+        );
         // After a signal, the group being stored gets `grace_period_secs` to commit and ack.
         let grace = Duration::from_secs(settings.collector.grace_period_secs);
         let grace_over = async {
@@ -102,7 +116,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             );
         };
         let ended = tokio::select! {
-            ended = collect(&mut subscription, &writer, &metrics, &settings, &shutdown) => ended,
+            ended = collect(&mut subscription, &writer, &metrics, &pending, &settings, &shutdown) => ended,
             () = grace_over => Ok(Ended::Shutdown),
         };
         match ended {
@@ -196,6 +210,7 @@ async fn collect(
     subscription: &mut amqp::Subscription,
     writer: &Arc<Mutex<Store>>,
     metrics: &Metrics,
+    pending: &AtomicU64,
     settings: &Settings,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Ended> {
@@ -230,12 +245,13 @@ async fn collect(
                 },
             }
         }
+        pending.store(group.len() as u64, Ordering::Relaxed);
         let flushed = tokio::select! {
             flushed = flush(writer, &subscription.publisher, metrics, &mut group) => flushed,
             why = subscription.lost_watch() => Err(Flush::Broker(why)),
         };
         match flushed {
-            Ok(()) => {}
+            Ok(()) => pending.store(0, Ordering::Relaxed),
             Err(Flush::Store(error)) => return Err(error),
             Err(Flush::Broker(error)) => return Ok(Ended::Lost(error)),
         }

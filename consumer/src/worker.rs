@@ -93,27 +93,24 @@ impl Worker {
     /// the connection the delivery came on). Never panics and never returns an error: a delivery
     /// it cannot settle is nacked back to the queue (or left for the broker to redeliver).
     ///
-    /// Everything it logs is inside a `task` span with the task id, kind and the trace id of
-    /// the delivery's `traceparent` (empty when it has none).
+    /// Everything it logs is inside a `task` span with the task id, kind and trace id: the
+    /// trace of the delivery's `traceparent`, or a new one. The span is this hop of the trace
+    /// (exported with `log.otlp_endpoint`), and the result names it as its parent.
     pub async fn handle(self: Arc<Self>, delivery: Delivery, publisher: Publisher) {
-        let trace = TraceParent::of(&delivery.properties);
         let span = tracing::info_span!(
             "task",
             task_id = %delivery.properties.message_id().as_ref().map_or("-", |id| id.as_str()),
             kind = %delivery.routing_key,
-            trace_id = %trace.map_or_else(String::new, |t| t.trace_id()),
+            trace_id = tracing::field::Empty,
         );
+        let trace = TraceParent::continue_in(&span, TraceParent::of(&delivery.properties));
+        span.record("trace_id", trace.trace_id());
         self.handle_in_span(delivery, publisher, trace)
             .instrument(span)
             .await;
     }
 
-    async fn handle_in_span(
-        &self,
-        delivery: Delivery,
-        publisher: Publisher,
-        trace: Option<TraceParent>,
-    ) {
+    async fn handle_in_span(&self, delivery: Delivery, publisher: Publisher, trace: TraceParent) {
         let _in_flight = self.metrics.handling();
         let processed = self.process(&delivery, &publisher, trace).await;
         if processed.is_ok() {
@@ -139,7 +136,7 @@ impl Worker {
         &self,
         delivery: &Delivery,
         publisher: &Publisher,
-        trace: Option<TraceParent>,
+        trace: TraceParent,
     ) -> Result<(), SettleError> {
         let who = published_by(delivery, self.own_user.as_deref());
         let who = who.as_deref();
@@ -243,12 +240,8 @@ impl Worker {
             Ok(_) => Outcome::Ok,
             Err(error) => Outcome::Failed(error.clone()),
         };
-        // The result continues the task's trace with a span of ours.
-        let reply = trace.map(|t| t.child());
-        let outgoing = |result: &TaskResult| match &reply {
-            Some(reply) => Outgoing::result(result).traced(reply),
-            None => Outgoing::result(result),
-        };
+        // The result carries the trace, with this hop's span as its parent.
+        let outgoing = |result: &TaskResult| Outgoing::result(result).traced(&trace);
         let result = |status, output, error| TaskResult {
             v: envelope::VERSION,
             task_id: task.id.clone(),
@@ -262,7 +255,7 @@ impl Worker {
             started_at,
             finished_at,
             published_by: who.map(str::to_owned),
-            traceparent: reply.map(|r| r.to_string()),
+            traceparent: Some(trace.to_string()),
         };
         match disposition::decide(
             &outcome,

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 /// Broker connections for the HTTP API: deadpool's managed pool around [`amqp::connect`], so
 /// they get what every other fleet connection gets (TLS settings, the password file read at
@@ -344,14 +345,12 @@ fn check_kind(kind: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The trace the tasks of a request join: the caller's `traceparent` (a valid one) continued
-/// with a span of ours, or a new trace.
-fn trace_of(headers: &HeaderMap) -> TraceParent {
+/// The caller's `traceparent`, if it sent a valid one.
+fn incoming(headers: &HeaderMap) -> Option<TraceParent> {
     headers
         .get(HEADER_TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(TraceParent::parse)
-        .map_or_else(TraceParent::root, |caller| caller.child())
 }
 
 /// 202 with `body`, and the `traceparent` the tasks were published with.
@@ -370,8 +369,10 @@ async fn create_task(
 ) -> Result<Response, ApiError> {
     let Json(new) = body.map_err(bad_request)?;
     check_kind(&new.kind)?;
-    let trace = trace_of(&headers);
     let id = new.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let span = tracing::info_span!("publish", kind = %new.kind, task_id = %id);
+    // The task's parent is this request's span: in the caller's trace, or a new one.
+    let trace = TraceParent::continue_in(&span, incoming(&headers));
     let task_kind = new.kind.clone();
     let task = Task::new(id.clone(), new.kind, None, new.payload);
     app.publish("task", |publisher| async move {
@@ -379,6 +380,7 @@ async fn create_task(
             .publish(Outgoing::task(&task).traced(&trace))
             .await
     })
+    .instrument(span)
     .await?;
     app.metrics.published(&task_kind, 1);
     tracing::debug!(task_id = %id, trace_id = %trace.trace_id(), kind = %task_kind, "task published");
@@ -398,7 +400,8 @@ async fn create_batch(
             format!("`payloads` must hold 1 to {} payloads", app.max_batch),
         ));
     }
-    let trace = trace_of(&headers);
+    let span = tracing::info_span!("publish", kind = %new.kind, tasks = new.payloads.len());
+    let trace = TraceParent::continue_in(&span, incoming(&headers));
     let submit::Batch { receipt, messages } = submit::batch_in(&new.kind, new.payloads, &trace);
     app.publish("batch", |publisher| async move {
         publisher
@@ -406,6 +409,7 @@ async fn create_batch(
             .await
             .map_err(|unconfirmed| unconfirmed.error)
     })
+    .instrument(span)
     .await?;
     app.metrics
         .published(&new.kind, receipt.task_ids.len() as u64);

@@ -10,6 +10,7 @@ use fleet_shared::{amqp, topology};
 use serde_json::Value;
 use std::io::BufRead;
 use std::path::Path;
+use tracing::Instrument as _;
 
 /// A published batch.
 #[derive(Debug, Clone)]
@@ -200,13 +201,15 @@ pub async fn run(
         return Err(UsageError(format!("{} holds no payloads", submission.input.display())).into());
     }
     // One trace for the batch: the caller's, from $TRACEPARENT (as other W3C tools pass it), or
-    // a new one.
-    let trace = std::env::var("TRACEPARENT")
+    // a new one; this `submit` is its span.
+    let span = tracing::info_span!("submit", kind = %submission.kind, tasks = payloads.len());
+    let incoming = std::env::var("TRACEPARENT")
         .ok()
-        .and_then(|t| TraceParent::parse(&t))
-        .map_or_else(TraceParent::root, |caller| caller.child());
+        .and_then(|t| TraceParent::parse(&t));
+    let trace = TraceParent::continue_in(&span, incoming);
     let Batch { receipt, messages } = batch_in(&submission.kind, payloads, &trace);
     publish_reliably(&settings, "fleet-producer-submit", messages)
+        .instrument(span)
         .await
         .context("publishing the batch")?;
     tracing::info!(batch = %receipt.batch, trace_id = %trace.trace_id(), tasks = receipt.task_ids.len(), "batch published");

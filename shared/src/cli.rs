@@ -23,7 +23,16 @@ where
     F: FnOnce(Settings, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    crate::telemetry::init(settings.log.format, crate::telemetry::DEFAULT_FILTER);
+    let name = std::env::args()
+        .next()
+        .and_then(|arg0| {
+            Path::new(&arg0)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "fleet".to_owned());
+    let _telemetry =
+        crate::telemetry::init_with(&settings.log, crate::telemetry::DEFAULT_FILTER, &name);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -251,6 +251,11 @@ pub enum LogFormat {
 pub struct LogSettings {
     /// `pretty` or `json`. Default `pretty`. Env `FLEET_LOG__FORMAT`. Levels come from `RUST_LOG`.
     pub format: LogFormat,
+    /// Where to send spans with OTLP over HTTP (JSON), e.g.
+    /// `http://otel-collector:4318/v1/traces`. Default none: no export.
+    /// Env `FLEET_LOG__OTLP_ENDPOINT`.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
 }
 
 const DEFAULTS: &str = r#"
@@ -451,6 +456,14 @@ impl Settings {
                     format!("{} is not an absolute path", path.display()),
                 ));
             }
+        }
+        if let Some(endpoint) = &self.log.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(SettingsError::new(
+                "log.otlp_endpoint",
+                format!("`{endpoint}` is not an http:// or https:// URL"),
+            ));
         }
         for (key, addr) in [
             ("consumer.listen", &self.consumer.listen),

@@ -1,7 +1,13 @@
-//! Logging: `tracing` with a `RUST_LOG` filter, human-readable or JSON lines.
+//! Logging: `tracing` with a `RUST_LOG` filter, human-readable or JSON lines; and, with
+//! `log.otlp_endpoint`, the spans exported with OTLP over HTTP.
 
-use crate::settings::LogFormat;
-use tracing_subscriber::EnvFilter;
+use crate::settings::{LogFormat, LogSettings};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig as _};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// The filter when `RUST_LOG` is unset: fleet at info, and lapin's own lines off. fleet logs every
 /// broker failure with its context once; lapin would add several ERROR lines of its own for one
@@ -10,16 +16,70 @@ pub const DEFAULT_FILTER: &str = "info,lapin=off";
 
 /// Installs the global subscriber. `RUST_LOG` wins over the `default` filter (e.g. `"info"`).
 /// Logs go to stderr so stdout stays for a command's output (batch ids, results).
+/// A second init (tests run many services in one process) changes nothing.
 pub fn init(format: LogFormat, default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests run many services in one process) is not an error worth reporting.
-    let _ = match format {
-        LogFormat::Pretty => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let log = LogSettings {
+        format,
+        otlp_endpoint: None,
     };
+    drop(init_with(&log, default, "fleet"));
+}
+
+/// Keeps the span exporter, if any, and flushes it on drop (keep it until the process ends).
+#[must_use = "dropping it stops the span export"]
+pub struct Guard(Option<SdkTracerProvider>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.0.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// As [`init`], and with `log.otlp_endpoint` set, every span (a task's, a publish's) is also
+/// exported with OTLP/HTTP JSON as `service`, in the W3C trace its `traceparent` names. An
+/// exporter that cannot be built is reported on stderr and logging goes on without it.
+pub fn init_with(log: &LogSettings, default: &str, service: &str) -> Guard {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let lines = match log.format {
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let provider = log.otlp_endpoint.as_deref().and_then(|endpoint| {
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpJson)
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| eprintln!("warning: no span export to {endpoint}: {e}"))
+            .ok()
+            .map(|exporter| {
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(
+                        opentelemetry_sdk::Resource::builder()
+                            .with_service_name(service.to_owned())
+                            .build(),
+                    )
+                    .build()
+            })
+    });
+    let spans = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_owned()))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(lines)
+        .with(spans)
+        .try_init();
+    Guard(provider)
 }
 
 /// `url` with any password replaced by `***`, for logs and error messages.

@@ -6,7 +6,11 @@
 //! ([`TraceParent::child`]).
 
 use lapin::types::AMQPValue;
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+};
 use std::fmt;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// A `traceparent` value: version 00, trace id, parent (span) id and flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +73,32 @@ impl TraceParent {
             parent_id,
             flags,
         })
+    }
+
+    /// Makes `span` this hop of the trace: its parent is `incoming` (when there is one), and
+    /// the returned `traceparent` (what this hop sends on) names `span` itself when spans are
+    /// exported (`log.otlp_endpoint`), else a new span id in the same trace, or a new trace.
+    pub fn continue_in(span: &tracing::Span, incoming: Option<Self>) -> Self {
+        if let Some(incoming) = incoming {
+            let remote = SpanContext::new(
+                TraceId::from_bytes(incoming.trace_id.to_be_bytes()),
+                SpanId::from_bytes(incoming.parent_id.to_be_bytes()),
+                TraceFlags::new(incoming.flags),
+                true,
+                TraceState::default(),
+            );
+            let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+        }
+        let exported = span.context().span().span_context().clone();
+        if exported.is_valid() {
+            Self {
+                trace_id: u128::from_be_bytes(exported.trace_id().to_bytes()),
+                parent_id: u64::from_be_bytes(exported.span_id().to_bytes()),
+                flags: exported.trace_flags().to_u8(),
+            }
+        } else {
+            incoming.map_or_else(Self::root, |incoming| incoming.child())
+        }
     }
 
     /// The trace id as 32 lower-case hex digits, as logs show it.

@@ -34,6 +34,21 @@ fn a_bad_setting_exits_2_with_a_line_naming_the_key() {
     );
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("amqp.password_file"));
+    for (key, value, named) in [
+        (
+            "FLEET_LOG__OTLP_ENDPOINT",
+            "collector:4318",
+            "log.otlp_endpoint",
+        ),
+        ("FLEET_CONSUMER__LISTEN", "everywhere", "consumer.listen"),
+    ] {
+        let output = run("fleet-consumer", &[], &[(key, value)]);
+        assert_eq!(output.status.code(), Some(2), "{key}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(named),
+            "{key}"
+        );
+    }
 }
 
 #[test]

@@ -543,3 +543,129 @@ async fn status_shows_ready_unacked_and_consumers_of_every_queue_over_amqp() {
         assert!(service.terminate(Duration::from_secs(40)).success());
     }
 }
+
+/// An OTLP/HTTP receiver of the test's own: every JSON body posted to `/v1/traces`.
+async fn otlp_receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = std::sync::Arc::clone(&received);
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let store = std::sync::Arc::clone(&store);
+            async move {
+                store.lock().expect("not poisoned").push(body);
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
+    let address = listener.local_addr().expect("its address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}/v1/traces"), received)
+}
+
+/// `(service, name, trace id, span id, parent span id)` of every span received.
+fn spans(bodies: &[serde_json::Value]) -> Vec<(String, String, String, String, String)> {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    let mut all = Vec::new();
+    for body in bodies {
+        for resource in body["resourceSpans"].as_array().into_iter().flatten() {
+            let service = resource["resource"]["attributes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["key"] == "service.name")
+                .map(|a| text(&a["value"]["stringValue"]))
+                .unwrap_or_default();
+            for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                for span in scope["spans"].as_array().into_iter().flatten() {
+                    all.push((
+                        service.clone(),
+                        text(&span["name"]),
+                        text(&span["traceId"]),
+                        text(&span["spanId"]),
+                        text(&span["parentSpanId"]),
+                    ));
+                }
+            }
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_an_otlp_endpoint_the_spans_of_a_task_are_exported_in_the_callers_trace() {
+    let (endpoint, received) = otlp_receiver().await;
+    let vhost = Vhost::new();
+    let env = vhost.env(&[("FLEET_LOG__OTLP_ENDPOINT", &endpoint)]);
+    let settings = settings_of(&env);
+    let collector = Process::spawn("fleet-collector", &[], &env);
+    let producer = Process::spawn("fleet-producer", &["serve"], &env);
+    let consumer = Process::spawn("fleet-consumer", &[], &env);
+    let producer_base = format!("http://{}", settings.producer.listen);
+    eventually("the API", Duration::from_secs(30), || async {
+        (status_of(&producer_base, "/readyz").await == Some(200)).then_some(())
+    })
+    .await;
+
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let caller_span = "b7ad6b7169203331";
+    let id = format!("otlp-{}", uuid::Uuid::new_v4());
+    let accepted = reqwest::Client::new()
+        .post(format!("{producer_base}/v1/tasks"))
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+        .json(&json!({ "kind": "square", "payload": { "n": 3 }, "id": id }))
+        .send()
+        .await
+        .expect("POST /v1/tasks");
+    assert_eq!(accepted.status(), 202);
+    let publish_span = accepted.headers()["traceparent"]
+        .to_str()
+        .expect("ASCII")
+        .split('-')
+        .nth(2)
+        .expect("a span id")
+        .to_owned();
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let result = eventually("the result", Duration::from_secs(30), || async {
+        client.task(&id).await.ok().flatten()
+    })
+    .await;
+    let task_span = result
+        .traceparent
+        .expect("a traceparent")
+        .split('-')
+        .nth(2)
+        .expect("a span id")
+        .to_owned();
+    // Stopping flushes what is left to export.
+    for service in [consumer, producer, collector] {
+        assert!(service.terminate(Duration::from_secs(30)).success());
+    }
+
+    let spans = spans(&received.lock().expect("not poisoned"));
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.1 == name && s.2 == trace_id)
+            .unwrap_or_else(|| panic!("a {name} span in trace {trace_id}: {spans:?}"))
+            .clone()
+    };
+    let publish = find("publish");
+    assert_eq!(
+        (publish.0.as_str(), publish.3.as_str(), publish.4.as_str()),
+        ("fleet-producer", publish_span.as_str(), caller_span),
+        "the producer's span, child of the caller's"
+    );
+    let task = find("task");
+    assert_eq!(
+        (task.0.as_str(), task.3.as_str(), task.4.as_str()),
+        ("fleet-consumer", task_span.as_str(), publish_span.as_str()),
+        "the consumer's span, child of the producer's, parent of the result"
+    );
+}

@@ -11,8 +11,9 @@
 //! - `fleet_worker_slots{work}` and `fleet_worker_slots_busy{work}`: compute and I/O slots, and
 //!   how many are taken.
 //!
-//! A kind the registry does not know is counted as `unknown`, so a stray routing key cannot grow
-//! the number of series.
+//! A kind the registry does not know is counted as [`UNKNOWN`], so a stray routing key cannot
+//! grow the number of series. Every series of every known kind exists from the start (at 0), and
+//! the per-task updates touch counters looked up once, without allocating.
 
 use fleet_shared::observe::duration_buckets;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,6 +22,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// `{kind}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,6 +48,9 @@ pub struct WorkLabel {
     pub work: &'static str,
 }
 
+/// The `kind` label of deliveries that are not a task of a known kind.
+pub const UNKNOWN: &str = "unknown";
+
 /// How a delivery ended, as `fleet_tasks_total` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TaskOutcome {
@@ -59,6 +65,8 @@ pub enum TaskOutcome {
 }
 
 impl TaskOutcome {
+    const ALL: [Self; 4] = [Self::Ok, Self::Failed, Self::Retried, Self::Rejected];
+
     fn label(self) -> &'static str {
         match self {
             Self::Ok => "ok",
@@ -67,6 +75,16 @@ impl TaskOutcome {
             Self::Rejected => "rejected",
         }
     }
+}
+
+/// The series of one kind, looked up once.
+#[derive(Clone)]
+struct KindSeries {
+    received: Counter,
+    /// In [`TaskOutcome::ALL`] order.
+    ended: [Counter; 4],
+    dead_lettered: Counter,
+    duration: Histogram,
 }
 
 /// The consumer's metrics; cheap to clone (each metric is shared).
@@ -79,12 +97,18 @@ pub struct Metrics {
     in_flight: Gauge,
     slots: Family<WorkLabel, Gauge>,
     busy: Family<WorkLabel, Gauge>,
+    /// Every known kind and [`UNKNOWN`].
+    by_kind: Arc<HashMap<String, KindSeries>>,
+    /// `busy{work="compute"}` and `busy{work="io"}`.
+    busy_compute: Gauge,
+    busy_io: Gauge,
 }
 
 impl Metrics {
-    /// Registers the consumer's metrics in `registry`, with `compute` and `io` slots.
-    pub fn register(registry: &mut Registry, compute: usize, io: usize) -> Self {
-        let metrics = Self {
+    /// Registers the consumer's metrics in `registry`, with `compute` and `io` slots and the
+    /// series of every kind in `kinds` (and [`UNKNOWN`]).
+    pub fn register(registry: &mut Registry, compute: usize, io: usize, kinds: &[&str]) -> Self {
+        let mut metrics = Self {
             received: Family::default(),
             tasks: Family::default(),
             dead_lettered: Family::default(),
@@ -92,6 +116,9 @@ impl Metrics {
             in_flight: Gauge::default(),
             slots: Family::default(),
             busy: Family::default(),
+            by_kind: Arc::default(),
+            busy_compute: Gauge::default(),
+            busy_io: Gauge::default(),
         };
         registry.register(
             "fleet_tasks_received",
@@ -133,46 +160,71 @@ impl Metrics {
                 .slots
                 .get_or_create(&WorkLabel { work })
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
-            metrics.busy.get_or_create(&WorkLabel { work }).set(0);
         }
+        metrics.busy_compute = metrics
+            .busy
+            .get_or_create(&WorkLabel { work: "compute" })
+            .clone();
+        metrics.busy_io = metrics
+            .busy
+            .get_or_create(&WorkLabel { work: "io" })
+            .clone();
+        let by_kind = kinds
+            .iter()
+            .copied()
+            .chain([UNKNOWN])
+            .map(|kind| (kind.to_owned(), metrics.series(kind)))
+            .collect();
+        metrics.by_kind = Arc::new(by_kind);
         metrics
+    }
+
+    fn series(&self, kind: &str) -> KindSeries {
+        let label = Kind {
+            kind: kind.to_owned(),
+        };
+        KindSeries {
+            received: self.received.get_or_create(&label).clone(),
+            ended: TaskOutcome::ALL.map(|outcome| {
+                self.tasks
+                    .get_or_create(&KindOutcome {
+                        kind: kind.to_owned(),
+                        outcome: outcome.label(),
+                    })
+                    .clone()
+            }),
+            dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
+            duration: self.duration.get_or_create(&label).clone(),
+        }
+    }
+
+    /// The series of `kind`, or of [`UNKNOWN`] for a kind not registered at start.
+    fn of(&self, kind: &str) -> &KindSeries {
+        self.by_kind
+            .get(kind)
+            .or_else(|| self.by_kind.get(UNKNOWN))
+            .expect("the unknown kind's series exist from the start")
     }
 
     /// A delivery of `kind` arrived.
     pub fn received(&self, kind: &str) {
-        self.received
-            .get_or_create(&Kind {
-                kind: kind.to_owned(),
-            })
-            .inc();
+        self.of(kind).received.inc();
     }
 
     /// A delivery of `kind` ended with `outcome`.
     pub fn ended(&self, kind: &str, outcome: TaskOutcome) {
-        self.tasks
-            .get_or_create(&KindOutcome {
-                kind: kind.to_owned(),
-                outcome: outcome.label(),
-            })
-            .inc();
+        // `ALL` lists the variants in declaration order.
+        self.of(kind).ended[outcome as usize].inc();
     }
 
     /// A copy of a delivery of `kind` went to `fleet.dead`.
     pub fn dead_lettered(&self, kind: &str) {
-        self.dead_lettered
-            .get_or_create(&Kind {
-                kind: kind.to_owned(),
-            })
-            .inc();
+        self.of(kind).dead_lettered.inc();
     }
 
     /// A handler of `kind` ran for `seconds`.
     pub fn ran(&self, kind: &str, seconds: f64) {
-        self.duration
-            .get_or_create(&Kind {
-                kind: kind.to_owned(),
-            })
-            .observe(seconds);
+        self.of(kind).duration.observe(seconds);
     }
 
     /// Counts a delivery in `fleet_tasks_in_flight` until the returned guard drops.
@@ -181,9 +233,13 @@ impl Metrics {
         Busy(self.in_flight.clone())
     }
 
-    /// Marks one `work` slot taken until the returned guard drops.
-    pub fn busy(&self, work: &'static str) -> Busy {
-        let gauge = self.busy.get_or_create(&WorkLabel { work }).clone();
+    /// Marks one compute (or I/O) slot taken until the returned guard drops.
+    pub fn busy(&self, compute: bool) -> Busy {
+        let gauge = if compute {
+            self.busy_compute.clone()
+        } else {
+            self.busy_io.clone()
+        };
         gauge.inc();
         Busy(gauge)
     }

@@ -2,7 +2,7 @@
 //! result (or the retry, or the dead letter) with a confirm, and only then ack.
 
 use crate::disposition::{self, Disposition, Outcome};
-use crate::metrics::{Busy, Metrics, TaskOutcome};
+use crate::metrics::{Busy, Metrics, TaskOutcome, UNKNOWN as UNKNOWN_KIND};
 use crate::registry::{HandlerError, Registry, TaskContext, Work};
 use chrono::Utc;
 use fleet_shared::envelope::{self, ErrorInfo, Status, TaskResult};
@@ -143,9 +143,10 @@ impl Worker {
         let max = self.settings.consumer.max_message_bytes;
         let reject = |reason: String| async move {
             self.metrics.received(UNKNOWN_KIND);
+            dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await?;
             self.metrics.ended(UNKNOWN_KIND, TaskOutcome::Rejected);
             self.metrics.dead_lettered(UNKNOWN_KIND);
-            dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await
+            Ok(())
         };
         if delivery.data.len() > max {
             let reason = format!(
@@ -172,15 +173,15 @@ impl Worker {
             cancel: CancellationToken::new(),
         };
 
-        let (slots, work) = match handler.work {
-            Work::Compute => (&self.compute_slots, "compute"),
-            Work::Io => (&self.io_slots, "io"),
+        let (slots, compute) = match handler.work {
+            Work::Compute => (&self.compute_slots, true),
+            Work::Io => (&self.io_slots, false),
         };
         let permit = tokio::select! {
             biased;
             permit = Arc::clone(slots).acquire_owned() => Slot {
                 _permit: permit.expect("slot semaphores are never closed"),
-                _busy: self.metrics.busy(work),
+                _busy: self.metrics.busy(compute),
             },
             () = self.shutdown.cancelled() => {
                 // Draining: a task that has not started goes back to the queue untouched.
@@ -358,9 +359,6 @@ impl Worker {
         })
     }
 }
-
-/// The `kind` label of deliveries that are not a task of a known kind.
-const UNKNOWN_KIND: &str = "unknown";
 
 /// Publishes a copy of the delivery to `fleet.dead` with the reason, the attempts made in all and
 /// the time, then acks the original.

@@ -4,6 +4,7 @@
 use fleet_shared::envelope::{self, BatchManifest, ResultMessage, Status, TaskResult};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// A batch's progress, as `GET /v1/batches/{id}` returns it.
@@ -41,6 +42,16 @@ pub struct Stored {
 /// A connection to the result database.
 pub struct Store {
     conn: Connection,
+    /// Total and done of the batches this store has written to and not seen complete, so a
+    /// group can tell which batches it completes without counting a batch's results each time
+    /// (read from the database once per batch, then kept up to date).
+    progress: HashMap<String, Progress>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Progress {
+    total: Option<u64>,
+    done: u64,
 }
 
 const SCHEMA: &str = "
@@ -72,7 +83,10 @@ impl Store {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            progress: HashMap::new(),
+        })
     }
 
     /// Stores results and manifests in one transaction.
@@ -82,8 +96,8 @@ impl Store {
         let now_us = chrono::Utc::now().timestamp_micros();
         let tx = self.conn.transaction()?;
         let mut stored = Stored::default();
-        // Batches this group moved forward: a new result, or their manifest for the first time.
-        let mut touched = std::collections::BTreeSet::new();
+        // Batches this group moved forward: new results, or their manifest for the first time.
+        let mut touched: BTreeMap<String, Progress> = BTreeMap::new();
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO results (task_id, batch, kind, status, body, stored_at_us)
@@ -117,7 +131,13 @@ impl Store {
                         if inserted == 1 {
                             stored.results += 1;
                             if let Some(batch) = &result.batch {
-                                touched.insert(batch.clone());
+                                touched
+                                    .entry(batch.clone())
+                                    .or_insert(Progress {
+                                        total: None,
+                                        done: 0,
+                                    })
+                                    .done += 1;
                             }
                         } else {
                             stored.duplicates += 1;
@@ -137,7 +157,13 @@ impl Store {
                             )
                             .optional()?;
                         if known.flatten().is_none() {
-                            touched.insert(batch.clone());
+                            touched
+                                .entry(batch.clone())
+                                .or_insert(Progress {
+                                    total: None,
+                                    done: 0,
+                                })
+                                .total = Some(*total);
                         }
                         manifest.execute(params![
                             batch,
@@ -149,21 +175,38 @@ impl Store {
                 }
             }
         }
-        for batch in touched {
-            let complete: Option<bool> = tx
-                .query_row(
-                    "SELECT total = (SELECT COUNT(*) FROM results WHERE batch = ?1)
-                     FROM batches WHERE batch = ?1",
+        let mut updated = Vec::with_capacity(touched.len());
+        for (batch, added) in touched {
+            let now = match self.progress.get(&batch) {
+                Some(known) => Progress {
+                    total: added.total.or(known.total),
+                    done: known.done + added.done,
+                },
+                // First time here: the database (this group's rows included) knows.
+                None => tx.query_row(
+                    "SELECT (SELECT total FROM batches WHERE batch = ?1),
+                            (SELECT COUNT(*) FROM results WHERE batch = ?1)",
                     [&batch],
-                    |row| row.get(0),
-                )
-                .optional()?
-                .flatten();
-            if complete == Some(true) {
-                stored.completed.push(batch);
-            }
+                    |row| {
+                        Ok(Progress {
+                            total: row.get(0)?,
+                            done: row.get(1)?,
+                        })
+                    },
+                )?,
+            };
+            updated.push((batch, now));
         }
         tx.commit()?;
+        // Committed: only now does the cache move on.
+        for (batch, now) in updated {
+            if now.total == Some(now.done) {
+                self.progress.remove(&batch);
+                stored.completed.push(batch);
+            } else {
+                self.progress.insert(batch, now);
+            }
+        }
         Ok(stored)
     }
 
@@ -317,5 +360,39 @@ mod tests {
         );
         assert_eq!(store.results("b1", 1, 10).expect("read").len(), 1);
         assert!(store.batch("nope").expect("read").is_none());
+    }
+
+    #[test]
+    fn the_group_with_the_last_result_completes_the_batch_once_across_reopens() {
+        let dir = std::env::temp_dir().join(format!("fleet-store-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("r.db");
+        let mut store = Store::open(&path).expect("open");
+        let manifest = ResultMessage::Manifest(BatchManifest::new("b2".into(), 3, "square".into()));
+        let stored = store
+            .store(&[manifest, result("x", "b2", Status::Ok)])
+            .expect("store");
+        assert!(stored.completed.is_empty());
+        // A new store (a restarted collector) learns the batch's progress from the database.
+        let mut store = Store::open(&path).expect("reopen");
+        let stored = store
+            .store(&[result("y", "b2", Status::Ok)])
+            .expect("store");
+        assert!(stored.completed.is_empty());
+        let stored = store
+            .store(&[
+                result("y", "b2", Status::Ok),
+                result("z", "b2", Status::Failed),
+            ])
+            .expect("store");
+        assert_eq!(stored.completed, ["b2"], "the third result completes it");
+        let stored = store
+            .store(&[result("z", "b2", Status::Ok)])
+            .expect("store");
+        assert!(
+            stored.completed.is_empty(),
+            "a duplicate does not complete it again"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -104,9 +104,7 @@ pub async fn run(
             tracing::info!(reconnects = sessions, "fleet-consumer consuming again");
         }
         sessions += 1;
-        health.connected(true);
-        health.topology(true);
-        health.consuming(true);
+        health.subscribed();
         let lost = CancellationToken::new();
         // Status beats for `fleet-producer status`, until this session ends.
         let beats = CancellationToken::new();

@@ -69,6 +69,13 @@ impl Health {
         self.consuming.store(consuming, Ordering::Relaxed);
     }
 
+    /// A subscription is up: connected, topology in place, consuming.
+    pub fn subscribed(&self) {
+        self.connected(true);
+        self.topology(true);
+        self.consuming(true);
+    }
+
     /// The broker is gone: nothing holds until the next session says so again.
     pub fn lost(&self) {
         self.connected(false);

@@ -89,9 +89,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             tracing::info!(reconnects = sessions, "fleet-collector consuming again");
         }
         sessions += 1;
-        health.connected(true);
-        health.topology(true);
-        health.consuming(true);
+        health.subscribed();
         // Status beats for `fleet-producer status`, until this session ends.
         let pending = Arc::new(AtomicU64::new(0));
         let beats = CancellationToken::new();

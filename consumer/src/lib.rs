@@ -6,11 +6,13 @@
 //! - [`handlers`]: the built-in handlers, one file each.
 //! - [`worker`]: one delivery from decode to ack.
 //! - [`disposition`]: outcome -> complete, retry or fail (the delivery-semantics table).
+//! - [`pool`]: the compute pool, exactly `workers` threads that sleep when idle.
 //! - [`metrics`]: what `/metrics` on `consumer.listen` shows (with `/healthz` and `/readyz`).
 
 pub mod disposition;
 pub mod handlers;
 pub mod metrics;
+pub mod pool;
 pub mod registry;
 pub mod worker;
 

@@ -3,6 +3,7 @@
 
 use crate::disposition::{self, Disposition, Outcome};
 use crate::metrics::{Busy, Metrics, TaskOutcome, UNKNOWN as UNKNOWN_KIND};
+use crate::pool::ComputePool;
 use crate::registry::{HandlerError, Registry, TaskContext, Work};
 use chrono::Utc;
 use fleet_shared::envelope::{self, ErrorInfo, Status, TaskResult};
@@ -25,7 +26,7 @@ use tracing::Instrument as _;
 /// Runs deliveries. Shared by every in-flight delivery of one consumer process.
 pub struct Worker {
     registry: Registry,
-    pool: rayon::ThreadPool,
+    pool: ComputePool,
     compute_slots: Arc<Semaphore>,
     io_slots: Arc<Semaphore>,
     settings: Arc<Settings>,
@@ -64,13 +65,10 @@ impl Worker {
         registry: Registry,
         metrics: Metrics,
         shutdown: CancellationToken,
-    ) -> Result<Self, rayon::ThreadPoolBuildError> {
+    ) -> std::io::Result<Self> {
         let workers = settings.consumer.workers;
         let own_user = settings.broker_user();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(workers)
-            .thread_name(|i| format!("fleet-worker-{i}"))
-            .build()?;
+        let pool = ComputePool::new(workers)?;
         Ok(Self {
             registry,
             pool,
@@ -335,10 +333,9 @@ impl Worker {
         let (tx, rx) = oneshot::channel();
         // What the handler logs on the pool thread belongs to the task's span too.
         let span = tracing::Span::current();
-        self.pool.spawn(move || {
+        self.pool.spawn(move |index| {
             let _span = span.enter();
-            let slot =
-                rayon::current_thread_index().map_or_else(|| "?".to_owned(), |i| i.to_string());
+            let slot = index.to_string();
             let outcome =
                 std::panic::catch_unwind(AssertUnwindSafe(|| futures_executor::block_on(future)))
                     .unwrap_or_else(|panic| Err(panicked(panic.as_ref())));

@@ -48,12 +48,11 @@ pub async fn run(
     let settings = Arc::new(settings);
     let kinds: Vec<String> = registry.kinds().into_iter().map(str::to_owned).collect();
     let mut observer = Observer::new(Health::default());
-    let kind_names: Vec<&str> = kinds.iter().map(String::as_str).collect();
     let metrics = Metrics::register(
         observer.registry(),
         settings.consumer.workers,
         settings.consumer.io_concurrency,
-        &kind_names,
+        &registry.kinds(),
     );
     let (common, health) = (observer.common.clone(), Arc::clone(&observer.health));
     let listener = tokio::net::TcpListener::bind(&settings.consumer.listen)

@@ -15,7 +15,7 @@
 //! grow the number of series. Every series of every known kind exists from the start (at 0), and
 //! the per-task updates touch counters looked up once, without allocating.
 
-use fleet_shared::observe::duration_buckets;
+use fleet_shared::observe::{duration_buckets, register};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -90,16 +90,10 @@ struct KindSeries {
 /// The consumer's metrics; cheap to clone (each metric is shared).
 #[derive(Clone)]
 pub struct Metrics {
-    received: Family<Kind, Counter>,
-    tasks: Family<KindOutcome, Counter>,
-    dead_lettered: Family<Kind, Counter>,
-    duration: Family<Kind, Histogram, fn() -> Histogram>,
-    in_flight: Gauge,
-    slots: Family<WorkLabel, Gauge>,
-    busy: Family<WorkLabel, Gauge>,
     /// Every known kind and [`UNKNOWN`].
     by_kind: Arc<HashMap<String, KindSeries>>,
-    /// `busy{work="compute"}` and `busy{work="io"}`.
+    in_flight: Gauge,
+    /// `fleet_worker_slots_busy{work="compute"}` and `{work="io"}`.
     busy_compute: Gauge,
     busy_io: Gauge,
 }
@@ -108,93 +102,86 @@ impl Metrics {
     /// Registers the consumer's metrics in `registry`, with `compute` and `io` slots and the
     /// series of every kind in `kinds` (and [`UNKNOWN`]).
     pub fn register(registry: &mut Registry, compute: usize, io: usize, kinds: &[&str]) -> Self {
-        let mut metrics = Self {
-            received: Family::default(),
-            tasks: Family::default(),
-            dead_lettered: Family::default(),
-            duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
-            in_flight: Gauge::default(),
-            slots: Family::default(),
-            busy: Family::default(),
-            by_kind: Arc::default(),
-            busy_compute: Gauge::default(),
-            busy_io: Gauge::default(),
-        };
-        registry.register(
+        let received: Family<Kind, Counter> = register(
+            registry,
             "fleet_tasks_received",
             "Deliveries taken from the task queue",
-            metrics.received.clone(),
+            Family::default(),
         );
-        registry.register(
+        let tasks: Family<KindOutcome, Counter> = register(
+            registry,
             "fleet_tasks",
             "Deliveries by how they ended: ok, failed, retried or rejected",
-            metrics.tasks.clone(),
+            Family::default(),
         );
-        registry.register(
+        let dead_lettered: Family<Kind, Counter> = register(
+            registry,
             "fleet_tasks_dead_lettered",
             "Copies sent to fleet.dead",
-            metrics.dead_lettered.clone(),
+            Family::default(),
         );
-        registry.register(
+        let duration: Family<Kind, Histogram, fn() -> Histogram> = register(
+            registry,
             "fleet_task_duration_seconds",
             "Handler run time",
-            metrics.duration.clone(),
+            Family::new_with_constructor(|| Histogram::new(duration_buckets())),
         );
-        registry.register(
+        let in_flight = register(
+            registry,
             "fleet_tasks_in_flight",
             "Deliveries being handled now",
-            metrics.in_flight.clone(),
+            Gauge::default(),
         );
-        registry.register(
+        let slots: Family<WorkLabel, Gauge> = register(
+            registry,
             "fleet_worker_slots",
             "Compute and I/O slots",
-            metrics.slots.clone(),
+            Family::default(),
         );
-        registry.register(
+        let busy: Family<WorkLabel, Gauge> = register(
+            registry,
             "fleet_worker_slots_busy",
             "Slots taken now",
-            metrics.busy.clone(),
+            Family::default(),
         );
         for (work, n) in [("compute", compute), ("io", io)] {
-            metrics
-                .slots
+            slots
                 .get_or_create(&WorkLabel { work })
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        metrics.busy_compute = metrics
-            .busy
-            .get_or_create(&WorkLabel { work: "compute" })
-            .clone();
-        metrics.busy_io = metrics
-            .busy
-            .get_or_create(&WorkLabel { work: "io" })
-            .clone();
+        let series = |kind: &str| {
+            let label = Kind {
+                kind: kind.to_owned(),
+            };
+            KindSeries {
+                received: received.get_or_create(&label).clone(),
+                ended: TaskOutcome::ALL.map(|outcome| {
+                    tasks
+                        .get_or_create(&KindOutcome {
+                            kind: kind.to_owned(),
+                            outcome: outcome.label(),
+                        })
+                        .clone()
+                }),
+                dead_lettered: dead_lettered.get_or_create(&label).clone(),
+                duration: duration.get_or_create(&label).clone(),
+            }
+        };
         let by_kind = kinds
             .iter()
             .copied()
             .chain([UNKNOWN])
-            .map(|kind| (kind.to_owned(), metrics.series(kind)))
+            .map(|kind| (kind.to_owned(), series(kind)))
             .collect();
-        metrics.by_kind = Arc::new(by_kind);
-        metrics
-    }
-
-    fn series(&self, kind: &str) -> KindSeries {
-        let label = Kind {
-            kind: kind.to_owned(),
-        };
-        KindSeries {
-            received: self.received.get_or_create(&label).clone(),
-            ended: TaskOutcome::ALL.map(|outcome| {
-                self.tasks
-                    .get_or_create(&KindOutcome {
-                        kind: kind.to_owned(),
-                        outcome: outcome.label(),
-                    })
-                    .clone()
-            }),
-            dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
-            duration: self.duration.get_or_create(&label).clone(),
+        // One statement each: a family's read guard lives to the end of its statement, and a
+        // second new label in the same statement would wait on it for ever.
+        let busy_compute = busy.get_or_create(&WorkLabel { work: "compute" }).clone();
+        let busy_io = busy.get_or_create(&WorkLabel { work: "io" }).clone();
+        Self {
+            by_kind: Arc::new(by_kind),
+            in_flight,
+            busy_compute,
+            busy_io,
         }
     }
 

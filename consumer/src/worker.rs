@@ -74,11 +74,7 @@ impl Worker {
             pool,
             compute_slots: Arc::new(Semaphore::new(workers)),
             io_slots: Arc::new(Semaphore::new(settings.consumer.io_concurrency)),
-            identity: format!(
-                "{}/{}",
-                gethostname::gethostname().to_string_lossy(),
-                std::process::id()
-            ),
+            identity: fleet_shared::status::process_id(),
             settings,
             shutdown,
             settled: AtomicU64::new(0),

@@ -15,7 +15,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use deadpool::managed::{Manager, RecycleError, RecycleResult};
 use fleet_shared::envelope::{HEADER_TRACEPARENT, Task};
-use fleet_shared::observe::{Health, Observer};
+use fleet_shared::observe::{Health, Observer, register};
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher};
 use fleet_shared::settings::{Secret, Settings};
 use fleet_shared::telemetry::redact;
@@ -111,21 +111,20 @@ struct Metrics {
 
 impl Metrics {
     fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            published: Family::default(),
-            requests: Family::default(),
-        };
-        registry.register(
-            "fleet_tasks_published",
-            "Tasks published and confirmed by the broker",
-            metrics.published.clone(),
-        );
-        registry.register(
-            "fleet_http_requests",
-            "HTTP API requests answered",
-            metrics.requests.clone(),
-        );
-        metrics
+        Self {
+            published: register(
+                registry,
+                "fleet_tasks_published",
+                "Tasks published and confirmed by the broker",
+                Family::default(),
+            ),
+            requests: register(
+                registry,
+                "fleet_http_requests",
+                "HTTP API requests answered",
+                Family::default(),
+            ),
+        }
     }
 
     fn published(&self, kind: &str, n: u64) {

@@ -23,6 +23,15 @@ pub fn duration_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.001, 2.0, 20)
 }
 
+/// Registers `metric` in `registry` as `name` and hands it back, for the service to keep.
+pub fn register<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 /// Metrics every service has.
 #[derive(Clone)]
 pub struct Common {
@@ -116,19 +125,19 @@ impl Observer {
     pub fn new(health: Health) -> Self {
         let mut registry = Registry::default();
         let common = Common {
-            reconnects: Counter::default(),
-            confirm_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            reconnects: register(
+                &mut registry,
+                "fleet_reconnects",
+                "Sessions started again after the broker connection was lost",
+                Counter::default(),
+            ),
+            confirm_seconds: register(
+                &mut registry,
+                "fleet_publish_confirm_seconds",
+                "Time from a publish to the broker's confirm",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ),
         };
-        registry.register(
-            "fleet_reconnects",
-            "Sessions started again after the broker connection was lost",
-            common.reconnects.clone(),
-        );
-        registry.register(
-            "fleet_publish_confirm_seconds",
-            "Time from a publish to the broker's confirm",
-            common.confirm_seconds.clone(),
-        );
         Self {
             registry,
             common,

@@ -10,7 +10,7 @@ pub mod store;
 
 use anyhow::Context as _;
 use fleet_shared::envelope::{self, HEADER_ERROR, ResultMessage};
-use fleet_shared::observe::{Health, Observer};
+use fleet_shared::observe::{Health, Observer, register};
 use fleet_shared::publisher::{Outgoing, Publisher, header_str};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::redact;
@@ -158,33 +158,22 @@ struct Metrics {
 
 impl Metrics {
     fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            stored: Counter::default(),
-            duplicates: Counter::default(),
-            completed: Counter::default(),
-            dead_lettered: Counter::default(),
-        };
-        registry.register(
-            "fleet_results_stored",
-            "New results written to the store",
-            metrics.stored.clone(),
-        );
-        registry.register(
-            "fleet_results_duplicates",
-            "Results for tasks already stored (not stored again)",
-            metrics.duplicates.clone(),
-        );
-        registry.register(
-            "fleet_batches_completed",
-            "Batches whose every result is stored",
-            metrics.completed.clone(),
-        );
-        registry.register(
-            "fleet_results_dead_lettered",
-            "Undecodable or misrouted messages on the result path, sent to fleet.dead",
-            metrics.dead_lettered.clone(),
-        );
-        metrics
+        let mut counter = |name, help| register(registry, name, help, Counter::default());
+        Self {
+            stored: counter("fleet_results_stored", "New results written to the store"),
+            duplicates: counter(
+                "fleet_results_duplicates",
+                "Results for tasks already stored (not stored again)",
+            ),
+            completed: counter(
+                "fleet_batches_completed",
+                "Batches whose every result is stored",
+            ),
+            dead_lettered: counter(
+                "fleet_results_dead_lettered",
+                "Undecodable or misrouted messages on the result path, sent to fleet.dead",
+            ),
+        }
     }
 
     fn record(&self, stored: &Stored) {

@@ -16,7 +16,7 @@ use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::redact;
 use fleet_shared::trace::TraceParent;
 use fleet_shared::{amqp, status, topology};
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use prometheus_client::metrics::counter::Counter;
@@ -98,7 +98,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         status::spawn_beats(
             subscription.channel.clone(),
             "collector",
-            topology::RESULTS_QUEUE,
+            topology::RESULTS_QUEUE.to_owned(),
             prefetch,
             move || held.load(Ordering::Relaxed),
             beats,
@@ -223,13 +223,25 @@ async fn collect(
         tokio::pin!(deadline);
         let mut lost = None;
         while group.len() < max {
-            tokio::select! {
-                () = &mut deadline => break,
-                next = subscription.deliveries.next() => match next {
-                    Some(Ok(delivery)) => group.push(delivery),
-                    Some(Err(e)) => { lost = Some(anyhow::Error::new(e).context("the result stream failed")); break }
-                    None => { lost = Some(cancelled()); break }
+            // What has arrived already joins the group; then wait for more until the deadline
+            // (none by default: under load, results gather while the previous group commits).
+            let next = match subscription.deliveries.next().now_or_never() {
+                Some(next) => next,
+                None => tokio::select! {
+                    () = &mut deadline => break,
+                    next = subscription.deliveries.next() => next,
                 },
+            };
+            match next {
+                Some(Ok(delivery)) => group.push(delivery),
+                Some(Err(e)) => {
+                    lost = Some(anyhow::Error::new(e).context("the result stream failed"));
+                    break;
+                }
+                None => {
+                    lost = Some(cancelled());
+                    break;
+                }
             }
         }
         pending.store(group.len() as u64, Ordering::Relaxed);

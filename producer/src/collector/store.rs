@@ -4,7 +4,7 @@
 use fleet_shared::envelope::{self, BatchManifest, ResultMessage, Status, TaskResult};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// A batch's progress, as `GET /v1/batches/{id}` returns it.
@@ -39,19 +39,19 @@ pub struct Stored {
     pub completed: Vec<String>,
 }
 
-/// A connection to the result database.
+/// A connection to the result database. Each batch's ok, failed and duplicate counts are kept
+/// in `batches` beside its total, so a batch's progress is one row however large it is.
 pub struct Store {
     conn: Connection,
-    /// Total and done of the batches this store has written to and not seen complete, so a
-    /// group can tell which batches it completes without counting a batch's results each time
-    /// (read from the database once per batch, then kept up to date).
-    progress: HashMap<String, Progress>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Progress {
-    total: Option<u64>,
-    done: u64,
+/// New results of one batch in one group.
+#[derive(Debug, Default)]
+struct Added {
+    ok: u64,
+    failed: u64,
+    /// Its manifest came in for the first time.
+    manifest: bool,
 }
 
 const SCHEMA: &str = "
@@ -75,6 +75,18 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 ";
 
+/// Databases made before a batch's counts were kept in `batches` get the columns, filled in
+/// from the results once.
+const COUNTS: &str = "
+ALTER TABLE batches ADD COLUMN ok INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE batches ADD COLUMN failed INTEGER NOT NULL DEFAULT 0;
+INSERT INTO batches (batch) SELECT DISTINCT batch FROM results WHERE batch IS NOT NULL
+    ON CONFLICT (batch) DO NOTHING;
+UPDATE batches SET
+    ok = (SELECT COUNT(*) FROM results WHERE results.batch = batches.batch AND status = 'ok'),
+    failed = (SELECT COUNT(*) FROM results WHERE results.batch = batches.batch AND status = 'failed');
+";
+
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     ///
@@ -83,13 +95,18 @@ impl Store {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self {
-            conn,
-            progress: HashMap::new(),
-        })
+        let counted: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('batches') WHERE name = 'ok'",
+            [],
+            |row| row.get(0),
+        )?;
+        if !counted {
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {COUNTS} COMMIT;"))?;
+        }
+        Ok(Self { conn })
     }
 
-    /// Stores results and manifests in one transaction.
+    /// Stores results and manifests in one transaction, with each batch's counts.
     ///
     /// Fails (and stores nothing) when the database cannot be written.
     pub fn store(&mut self, messages: &[ResultMessage]) -> rusqlite::Result<Stored> {
@@ -97,7 +114,7 @@ impl Store {
         let tx = self.conn.transaction()?;
         let mut stored = Stored::default();
         // Batches this group moved forward: new results, or their manifest for the first time.
-        let mut touched: BTreeMap<String, Progress> = BTreeMap::new();
+        let mut touched: BTreeMap<&str, Added> = BTreeMap::new();
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO results (task_id, batch, kind, status, body, stored_at_us)
@@ -107,6 +124,8 @@ impl Store {
                 "INSERT INTO batches (batch, duplicates) VALUES (?1, 1)
                  ON CONFLICT (batch) DO UPDATE SET duplicates = duplicates + 1",
             )?;
+            let mut known_total =
+                tx.prepare_cached("SELECT total FROM batches WHERE batch = ?1")?;
             let mut manifest = tx.prepare_cached(
                 "INSERT INTO batches (batch, kind, total) VALUES (?1, ?2, ?3)
                  ON CONFLICT (batch) DO UPDATE SET kind = excluded.kind, total = excluded.total",
@@ -131,13 +150,11 @@ impl Store {
                         if inserted == 1 {
                             stored.results += 1;
                             if let Some(batch) = &result.batch {
-                                touched
-                                    .entry(batch.clone())
-                                    .or_insert(Progress {
-                                        total: None,
-                                        done: 0,
-                                    })
-                                    .done += 1;
+                                let added = touched.entry(batch).or_default();
+                                match result.status {
+                                    Status::Ok => added.ok += 1,
+                                    Status::Failed => added.failed += 1,
+                                }
                             }
                         } else {
                             stored.duplicates += 1;
@@ -149,21 +166,11 @@ impl Store {
                     ResultMessage::Manifest(BatchManifest {
                         batch, total, kind, ..
                     }) => {
-                        let known: Option<Option<u64>> = tx
-                            .query_row(
-                                "SELECT total FROM batches WHERE batch = ?1",
-                                [batch],
-                                |row| row.get(0),
-                            )
+                        let known: Option<Option<u64>> = known_total
+                            .query_row([batch], |row| row.get(0))
                             .optional()?;
                         if known.flatten().is_none() {
-                            touched
-                                .entry(batch.clone())
-                                .or_insert(Progress {
-                                    total: None,
-                                    done: 0,
-                                })
-                                .total = Some(*total);
+                            touched.entry(batch).or_default().manifest = true;
                         }
                         manifest.execute(params![
                             batch,
@@ -174,39 +181,24 @@ impl Store {
                     }
                 }
             }
-        }
-        let mut updated = Vec::with_capacity(touched.len());
-        for (batch, added) in touched {
-            let now = match self.progress.get(&batch) {
-                Some(known) => Progress {
-                    total: added.total.or(known.total),
-                    done: known.done + added.done,
-                },
-                // First time here: the database (this group's rows included) knows.
-                None => tx.query_row(
-                    "SELECT (SELECT total FROM batches WHERE batch = ?1),
-                            (SELECT COUNT(*) FROM results WHERE batch = ?1)",
-                    [&batch],
-                    |row| {
-                        Ok(Progress {
-                            total: row.get(0)?,
-                            done: row.get(1)?,
-                        })
-                    },
-                )?,
-            };
-            updated.push((batch, now));
-        }
-        tx.commit()?;
-        // Committed: only now does the cache move on.
-        for (batch, now) in updated {
-            if now.total == Some(now.done) {
-                self.progress.remove(&batch);
-                stored.completed.push(batch);
-            } else {
-                self.progress.insert(batch, now);
+            // One count update and one read per batch the group moved: a batch completes in
+            // the group that brings its last result or its manifest.
+            let mut count = tx.prepare_cached(
+                "INSERT INTO batches (batch, ok, failed) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (batch) DO UPDATE SET ok = ok + excluded.ok, failed = failed + excluded.failed
+                 RETURNING total, ok + failed",
+            )?;
+            for (batch, added) in touched {
+                let (total, done): (Option<u64>, u64) = count
+                    .query_row(params![batch, added.ok, added.failed], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })?;
+                if total == Some(done) {
+                    stored.completed.push(batch.to_owned());
+                }
             }
         }
+        tx.commit()?;
         Ok(stored)
     }
 
@@ -225,33 +217,24 @@ impl Store {
     ///
     /// Fails when the database cannot be read.
     pub fn batch(&self, id: &str) -> rusqlite::Result<Option<BatchStatus>> {
-        let (ok, failed): (u64, u64) = self.conn.query_row(
-            "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'failed'), 0)
-             FROM results WHERE batch = ?1",
-            [id],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
-        let meta: Option<(Option<u64>, u64)> = self
+        let row: Option<(Option<u64>, u64, u64, u64)> = self
             .conn
-            .query_row(
-                "SELECT total, duplicates FROM batches WHERE batch = ?1",
-                [id],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
+            .prepare_cached("SELECT total, ok, failed, duplicates FROM batches WHERE batch = ?1")?
+            .query_row([id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })
             .optional()?;
-        let done = ok + failed;
-        if meta.is_none() && done == 0 {
-            return Ok(None);
-        }
-        let (total, duplicates) = meta.unwrap_or((None, 0));
-        Ok(Some(BatchStatus {
-            batch: id.to_owned(),
-            total,
-            done,
-            ok,
-            failed,
-            duplicates,
-            complete: total.is_some_and(|t| done >= t),
+        Ok(row.map(|(total, ok, failed, duplicates)| {
+            let done = ok + failed;
+            BatchStatus {
+                batch: id.to_owned(),
+                total,
+                done,
+                ok,
+                failed,
+                duplicates,
+                complete: total.is_some_and(|t| done >= t),
+            }
         }))
     }
 
@@ -393,6 +376,41 @@ mod tests {
             stored.completed.is_empty(),
             "a duplicate does not complete it again"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_database_from_before_the_counts_gets_them_from_its_results() {
+        let dir = std::env::temp_dir().join(format!("fleet-store-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("r.db");
+        {
+            let old = Connection::open(&path).expect("create");
+            old.execute_batch(SCHEMA).expect("old schema");
+            old.execute_batch(
+                "INSERT INTO batches (batch, kind, total) VALUES ('b', 'square', 4);
+                 INSERT INTO results (task_id, batch, kind, status, body, stored_at_us) VALUES
+                   ('1', 'b', 'square', 'ok', '{}', 0), ('2', 'b', 'square', 'failed', '{}', 0),
+                   ('3', 'b', 'square', 'ok', '{}', 0), ('4', 'c', 'square', 'ok', '{}', 0);",
+            )
+            .expect("old rows");
+        }
+        let mut store = Store::open(&path).expect("open and upgrade");
+        let b = store.batch("b").expect("read").expect("batch b");
+        assert_eq!((b.total, b.ok, b.failed, b.done), (Some(4), 2, 1, 3));
+        let c = store
+            .batch("c")
+            .expect("read")
+            .expect("batch c, results only");
+        assert_eq!((c.total, c.ok, c.failed, c.complete), (None, 1, 0, false));
+        let stored = store.store(&[result("5", "b", Status::Ok)]).expect("store");
+        assert_eq!(
+            stored.completed,
+            ["b"],
+            "the counts carry on from the old rows"
+        );
+        drop(store);
+        Store::open(&path).expect("a second open does not upgrade again");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

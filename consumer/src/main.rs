@@ -27,7 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::from(fleet_shared::error::EXIT_USAGE);
         }
     };
-    fleet_shared::cli::run(settings, |settings, shutdown| {
+    fleet_shared::cli::run_on_one_thread(settings, |settings, shutdown| {
         fleet_consumer::run(settings, registry, shutdown)
     })
 }

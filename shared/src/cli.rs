@@ -23,6 +23,38 @@ where
     F: FnOnce(Settings, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    run_with(
+        tokio::runtime::Builder::new_multi_thread(),
+        settings,
+        service,
+    )
+}
+
+/// As [`run`], on a runtime of one thread: for the pipelines (consumer, collector, submit),
+/// whose heavy work already runs elsewhere (lapin's I/O thread, the compute pool, SQLite on the
+/// blocking pool). Each task hand-off between runtime threads is a futex wake-up; with one
+/// thread there are none, and the consumer spends less CPU per task (docs/BENCHMARKS.md).
+pub fn run_on_one_thread<F, Fut>(settings: Settings, service: F) -> ExitCode
+where
+    F: FnOnce(Settings, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    run_with(
+        tokio::runtime::Builder::new_current_thread(),
+        settings,
+        service,
+    )
+}
+
+fn run_with<F, Fut>(
+    mut builder: tokio::runtime::Builder,
+    settings: Settings,
+    service: F,
+) -> ExitCode
+where
+    F: FnOnce(Settings, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
     let name = std::env::args()
         .next()
         .and_then(|arg0| {
@@ -33,10 +65,7 @@ where
         .unwrap_or_else(|| "fleet".to_owned());
     let _telemetry =
         crate::telemetry::init_with(&settings.log, crate::telemetry::DEFAULT_FILTER, &name);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -55,7 +55,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match args.command {
-        None => fleet_shared::cli::run(settings, fleet_producer::collector::run),
+        None => fleet_shared::cli::run_on_one_thread(settings, fleet_producer::collector::run),
         Some(Command::Watch { batch, collector }) => {
             let base = collector.unwrap_or_else(|| format!("http://{}", settings.collector.listen));
             fleet_shared::cli::run(settings, |_, shutdown| watch(base, batch, shutdown))

@@ -182,7 +182,7 @@ fn main() -> ExitCode {
                 output,
                 collector: collector.unwrap_or_else(|| settings.producer.collector_url.clone()),
             };
-            fleet_shared::cli::run(settings, |s, shutdown| {
+            fleet_shared::cli::run_on_one_thread(settings, |s, shutdown| {
                 fleet_producer::submit::run(s, submission, shutdown)
             })
         }

@@ -4,11 +4,13 @@
 //!
 //! - [`registry`]: kind -> handler, built once and passed into [`run`].
 //! - [`handlers`]: the built-in handlers, one file each.
-//! - [`worker`]: one delivery from decode to ack.
+//! - [`worker`]: one delivery from decode to its confirmed outcome.
+//! - [`acks`]: acks, batched into one multiple ack per group of settled deliveries.
 //! - [`disposition`]: outcome -> complete, retry or fail (the delivery-semantics table).
 //! - [`pool`]: the compute pool, exactly `workers` threads that sleep when idle.
 //! - [`metrics`]: what `/metrics` on `consumer.listen` shows (with `/healthz` and `/readyz`).
 
+pub mod acks;
 pub mod disposition;
 pub mod handlers;
 pub mod metrics;
@@ -16,6 +18,7 @@ pub mod pool;
 pub mod registry;
 pub mod worker;
 
+use acks::Acks;
 use anyhow::Context as _;
 use fleet_shared::observe::{Health, Observer};
 use fleet_shared::settings::Settings;
@@ -28,7 +31,7 @@ use std::future::IntoFuture as _;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use worker::Worker;
+use worker::{Settle, Worker};
 
 /// Runs a consumer until `shutdown` is cancelled, then drains: no new deliveries, in-flight tasks
 /// finish within `consumer.grace_period_secs`, unstarted ones return to the queue.
@@ -71,87 +74,34 @@ pub async fn run(
     );
     // Every delivery ever started, for the final drain.
     let in_flight = TaskTracker::new();
-    let mut sessions = 0u64;
-    let outcome = loop {
-        // Slow start: one delivery at a time until one has settled (see `widen`).
-        let subscription = amqp::subscribe(
-            &settings,
-            "fleet-consumer",
-            topology::WORK_QUEUE,
-            1,
-            &common,
-            &shutdown,
-        )
-        .await;
-        let mut subscription = match subscription {
-            Ok(Some(subscription)) => subscription,
-            Ok(None) => break Ok(None),
-            Err(error) => break Err(error),
-        };
-        if sessions == 0 {
-            tracing::info!(
-                version = env!("CARGO_PKG_VERSION"),
-                broker = %redact(&settings.amqp.url),
-                queue = topology::WORK_QUEUE,
-                workers = settings.consumer.workers,
-                io_concurrency = settings.consumer.io_concurrency,
-                prefetch = settings.prefetch(),
-                kinds = ?kinds,
-                %listen,
-                "fleet-consumer started"
-            );
-        } else {
-            common.reconnects.inc();
-            tracing::info!(reconnects = sessions, "fleet-consumer consuming again");
-        }
-        sessions += 1;
-        health.subscribed();
-        let lost = CancellationToken::new();
-        // Status beats for `fleet-producer status`, until this session ends.
-        let beats = CancellationToken::new();
-        let _beats = beats.clone().drop_guard();
-        let tracker = in_flight.clone();
-        let prefetch = settings.prefetch();
-        // A delivery counts from its arrival until its handling ends, a moment after its ack;
-        // the broker never lets more than the prefetch be unacked.
-        status::spawn_beats(
-            subscription.channel.clone(),
-            "consumer",
-            topology::WORK_QUEUE,
-            prefetch,
-            move || (tracker.len() as u64).min(u64::from(prefetch)),
-            beats,
-        );
-        let widen_at = (settings.prefetch() > 1).then(|| worker.settled() + 1);
-        match consume(
-            &mut subscription,
-            &worker,
-            &in_flight,
-            &lost,
-            &shutdown,
-            widen_at,
-            settings.prefetch(),
-        )
-        .await
-        {
-            None => break Ok(Some(subscription)),
-            Some(error) => {
-                tracing::warn!(
-                    error = %format!("{error:#}"),
-                    in_flight = in_flight.len(),
-                    "lost the broker; reconnecting (unacked tasks are redelivered)"
-                );
-                health.lost();
-                // Nothing started on the old connection can be settled any more: stop waiting
-                // for it (I/O handlers are dropped, compute ones finish and free their slot).
-                lost.cancel();
-                tokio::spawn(subscription.close());
-            }
-        }
+    let queues = topology::work_queues(&settings);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        broker = %redact(&settings.amqp.url),
+        queues = ?queues,
+        workers = settings.consumer.workers,
+        io_concurrency = settings.consumer.io_concurrency,
+        prefetch = settings.prefetch(),
+        kinds = ?kinds,
+        %listen,
+        "fleet-consumer started"
+    );
+    // One lane per work queue, each with its own connection; the prefetch is shared out.
+    let lane_prefetch = settings
+        .prefetch()
+        .div_ceil(u16::try_from(queues.len()).unwrap_or(u16::MAX));
+    let shared = Lanes {
+        settings: &settings,
+        worker: &worker,
+        in_flight: &in_flight,
+        common: &common,
+        health: &health,
+        shutdown: &shutdown,
+        prefetch: lane_prefetch,
     };
-
-    let subscription = match outcome {
-        Ok(subscription) => subscription,
+    let lanes = queues.iter().map(|queue| shared.run(queue));
+    let subscriptions = match futures_util::future::try_join_all(lanes).await {
+        Ok(subscriptions) => subscriptions,
         Err(error) => {
             http_shutdown.cancel();
             return Err(error);
@@ -160,20 +110,25 @@ pub async fn run(
     health.consuming(false);
     tracing::info!(in_flight = in_flight.len(), "draining");
     // Stop new deliveries; those already prefetched are either run or returned by the worker.
-    if let Some(subscription) = &subscription {
+    for (subscription, _) in subscriptions.iter().flatten() {
         subscription.cancel().await;
     }
     in_flight.close();
-    if tokio::time::timeout(settings.consumer_grace(), in_flight.wait())
+    let drained = tokio::time::timeout(settings.consumer_grace(), in_flight.wait())
         .await
-        .is_err()
-    {
+        .is_ok();
+    if !drained {
         tracing::warn!(
             left = in_flight.len(),
             "grace period over; unfinished tasks go back to the queue when the channel closes"
         );
     }
-    if let Some(subscription) = subscription {
+    for (subscription, acker) in subscriptions.into_iter().flatten() {
+        // Every settled delivery is acked before the channel closes (else it would come back).
+        // The acker ends once no delivery is left to hand it a tag, so only after a full drain.
+        if drained {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), acker.flushed()).await;
+        }
         subscription.close().await;
     }
     http_shutdown.cancel();
@@ -182,101 +137,197 @@ pub async fn run(
     Ok(())
 }
 
-/// Hands one delivery to the worker as a task of its own, dropped if the session is `lost`.
-fn start(
-    worker: &Arc<Worker>,
-    delivery: lapin::message::Delivery,
-    publisher: &fleet_shared::publisher::Publisher,
-    in_flight: &TaskTracker,
-    lost: &CancellationToken,
-) {
-    let handled = Arc::clone(worker).handle(delivery, publisher.clone());
-    let lost = lost.clone();
-    in_flight.spawn(async move { lost.run_until_cancelled(handled).await });
+/// What every lane of a consumer shares.
+struct Lanes<'a> {
+    settings: &'a Arc<Settings>,
+    worker: &'a Arc<Worker>,
+    in_flight: &'a TaskTracker,
+    common: &'a fleet_shared::observe::Common,
+    health: &'a Arc<Health>,
+    shutdown: &'a CancellationToken,
+    /// This lane's share of the prefetch.
+    prefetch: u16,
 }
 
-/// Ends the slow start: a second consumer with the full prefetch replaces the first, whose
-/// deliveries already received are still handled (and acked on the same channel).
-async fn widen(
-    subscription: &mut amqp::Subscription,
-    worker: &Arc<Worker>,
-    in_flight: &TaskTracker,
-    lost: &CancellationToken,
-    prefetch: u16,
-) -> anyhow::Result<()> {
-    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
-    let channel = subscription.channel.clone();
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .context("raising the prefetch")?;
-    let wide = channel
-        .basic_consume(
-            topology::WORK_QUEUE.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .context("consuming at the full prefetch")?;
-    let mut narrow = std::mem::replace(&mut subscription.deliveries, wide);
-    channel
-        .basic_cancel(narrow.tag(), lapin::options::BasicCancelOptions::default())
-        .await
-        .context("ending the slow start")?;
-    // After the cancel the narrow stream ends; anything it still holds was delivered to us.
-    while let Ok(Some(Ok(delivery))) =
-        tokio::time::timeout(std::time::Duration::from_millis(100), narrow.next()).await
-    {
-        start(worker, delivery, &subscription.publisher, in_flight, lost);
-    }
-    tracing::debug!(prefetch, "slow start over");
-    Ok(())
-}
-
-/// Hands deliveries to the worker until shutdown (`None`) or until the session is lost (why).
-/// Each delivery's handling stops where it is when `lost` is cancelled.
-///
-/// Each session starts at prefetch 1 and widens to the full prefetch once the worker has settled
-/// `widen_at` deliveries in all. A task that kills the process (a poison message) is then
-/// redelivered alone after a restart, so only its own delivery count climbs to the limit,
-/// not those of the innocent tasks that happened to be prefetched beside it.
-async fn consume(
-    subscription: &mut amqp::Subscription,
-    worker: &Arc<Worker>,
-    in_flight: &TaskTracker,
-    lost: &CancellationToken,
-    shutdown: &CancellationToken,
-    mut widen_at: Option<u64>,
-    prefetch: u16,
-) -> Option<anyhow::Error> {
-    let mut health = tokio::time::interval(std::time::Duration::from_millis(100));
-    loop {
-        if widen_at.is_some_and(|n| worker.settled() >= n) {
-            widen_at = None;
-            // Three quick calls; a cut at this moment could leave them waiting forever.
-            let widening = widen(subscription, worker, in_flight, lost, prefetch);
-            match tokio::time::timeout(std::time::Duration::from_secs(10), widening).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => return Some(error),
-                Err(_) => return Some(anyhow::anyhow!("timed out ending the slow start")),
+impl Lanes<'_> {
+    /// Consumes `queue` through connection losses until shutdown, then returns the session to
+    /// drain (`None` if shutdown came while connecting). Fails when the broker refuses us or
+    /// stays unreachable.
+    async fn run(&self, queue: &str) -> anyhow::Result<Option<(amqp::Subscription, acks::Acker)>> {
+        let Self {
+            settings,
+            worker,
+            in_flight,
+            common,
+            health,
+            shutdown,
+            prefetch,
+        } = *self;
+        let mut sessions = 0u64;
+        loop {
+            // Slow start: one delivery at a time until one has settled (see `widen`).
+            let Some(mut subscription) =
+                amqp::subscribe(settings, "fleet-consumer", queue, 1, common, shutdown).await?
+            else {
+                return Ok(None);
+            };
+            if sessions > 0 {
+                common.reconnects.inc();
+                tracing::info!(
+                    reconnects = sessions,
+                    queue,
+                    "fleet-consumer consuming again"
+                );
+            }
+            sessions += 1;
+            health.subscribed();
+            let lost = CancellationToken::new();
+            // Status beats for `fleet-producer status`, until this session ends.
+            let beats = CancellationToken::new();
+            let _beats = beats.clone().drop_guard();
+            let tracker = in_flight.clone();
+            // A delivery counts from its arrival until its handling ends, a moment after its
+            // ack; the broker never lets more than the prefetch be unacked.
+            status::spawn_beats(
+                subscription.channel.clone(),
+                "consumer",
+                queue.to_owned(),
+                prefetch,
+                move || (tracker.len() as u64).min(u64::from(prefetch)),
+                beats,
+            );
+            let widen_at = (prefetch > 1).then(|| worker.settled() + 1);
+            let (acks, acker) = Acks::start(subscription.channel.clone());
+            let channel = Settle {
+                publisher: subscription.publisher.clone(),
+                acks,
+            };
+            let session = Session {
+                queue,
+                channel: &channel,
+                worker,
+                in_flight,
+                lost: &lost,
+            };
+            match session
+                .consume(&mut subscription, shutdown, widen_at, prefetch)
+                .await
+            {
+                None => return Ok(Some((subscription, acker))),
+                Some(error) => {
+                    tracing::warn!(
+                        error = %format!("{error:#}"),
+                        queue,
+                        in_flight = in_flight.len(),
+                        "lost the broker; reconnecting (unacked tasks are redelivered)"
+                    );
+                    health.lost();
+                    // Nothing started on the old connection can be settled any more: stop
+                    // waiting for it (I/O handlers are dropped, compute ones finish and free
+                    // their slot).
+                    lost.cancel();
+                    tokio::spawn(subscription.close());
+                }
             }
         }
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return None,
-            next = subscription.deliveries.next() => match next {
-                Some(Ok(delivery)) => {
-                    start(worker, delivery, &subscription.publisher, in_flight, lost);
+    }
+}
+
+/// One session of a lane: its queue, where its deliveries settle, and the token that drops
+/// their handling when the connection is lost.
+struct Session<'a> {
+    queue: &'a str,
+    channel: &'a Settle,
+    worker: &'a Arc<Worker>,
+    in_flight: &'a TaskTracker,
+    lost: &'a CancellationToken,
+}
+
+impl Session<'_> {
+    /// Hands one delivery to the worker as a task of its own, dropped if the session is lost.
+    fn start(&self, delivery: lapin::message::Delivery) {
+        self.channel.acks.received(delivery.delivery_tag);
+        let handled = Arc::clone(self.worker).handle(delivery, self.channel.clone());
+        let lost = self.lost.clone();
+        self.in_flight
+            .spawn(async move { lost.run_until_cancelled(handled).await });
+    }
+
+    /// Ends the slow start: a second consumer with the full prefetch replaces the first, whose
+    /// deliveries already received are still handled (and acked on the same channel).
+    async fn widen(
+        &self,
+        subscription: &mut amqp::Subscription,
+        prefetch: u16,
+    ) -> anyhow::Result<()> {
+        use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+        let amqp = subscription.channel.clone();
+        amqp.basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .context("raising the prefetch")?;
+        let wide = amqp
+            .basic_consume(
+                self.queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .context("consuming at the full prefetch")?;
+        let mut narrow = std::mem::replace(&mut subscription.deliveries, wide);
+        amqp.basic_cancel(narrow.tag(), lapin::options::BasicCancelOptions::default())
+            .await
+            .context("ending the slow start")?;
+        // After the cancel the narrow stream ends; anything it still holds was delivered to us.
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), narrow.next()).await
+        {
+            self.start(delivery);
+        }
+        tracing::debug!(prefetch, queue = self.queue, "slow start over");
+        Ok(())
+    }
+
+    /// Hands deliveries to the worker until shutdown (`None`) or until the session is lost
+    /// (why). Each delivery's handling stops where it is when `lost` is cancelled.
+    ///
+    /// Each session starts at prefetch 1 and widens to the full prefetch once the worker has
+    /// settled `widen_at` deliveries in all. A task that kills the process (a poison message) is
+    /// then redelivered alone after a restart, so only its own delivery count climbs to the
+    /// limit, not those of the innocent tasks that happened to be prefetched beside it.
+    async fn consume(
+        &self,
+        subscription: &mut amqp::Subscription,
+        shutdown: &CancellationToken,
+        mut widen_at: Option<u64>,
+        prefetch: u16,
+    ) -> Option<anyhow::Error> {
+        let mut health = tokio::time::interval(std::time::Duration::from_millis(100));
+        loop {
+            if widen_at.is_some_and(|n| self.worker.settled() >= n) {
+                widen_at = None;
+                // Three quick calls; a cut at this moment could leave them waiting forever.
+                let widening = self.widen(subscription, prefetch);
+                match tokio::time::timeout(std::time::Duration::from_secs(10), widening).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return Some(error),
+                    Err(_) => return Some(anyhow::anyhow!("timed out ending the slow start")),
                 }
-                Some(Err(error)) => return Some(anyhow::Error::new(error).context("the delivery stream failed")),
-                None => return Some(anyhow::anyhow!("the broker cancelled our consumer on {}", topology::WORK_QUEUE)),
-            },
-            _ = health.tick() => {
-                // Results go out on a second channel; if the broker closed it, nothing can settle.
-                // (The tick also lets the slow start above notice a settled delivery.)
-                if let Some(why) = subscription.lost() {
-                    return Some(why);
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return None,
+                next = subscription.deliveries.next() => match next {
+                    Some(Ok(delivery)) => self.start(delivery),
+                    Some(Err(error)) => return Some(anyhow::Error::new(error).context("the delivery stream failed")),
+                    None => return Some(anyhow::anyhow!("the broker cancelled our consumer on {}", self.queue)),
+                },
+                _ = health.tick() => {
+                    // Results go out on a second channel; if the broker closed it, nothing can
+                    // settle. (The tick also lets the slow start above notice a settled delivery.)
+                    if let Some(why) = subscription.lost() {
+                        return Some(why);
+                    }
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! One delivery from start to ack: check, decode, run the handler in its slot, publish the
 //! result (or the retry, or the dead letter) with a confirm, and only then ack.
 
+use crate::acks::Acks;
 use crate::disposition::{self, Disposition, Outcome};
 use crate::metrics::{Busy, Metrics, TaskOutcome, UNKNOWN as UNKNOWN_KIND};
 use crate::pool::ComputePool;
@@ -13,7 +14,7 @@ use fleet_shared::topology;
 use fleet_shared::trace::TraceParent;
 use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicNackOptions;
 use lapin::types::AMQPValue;
 use serde_json::Value;
 use std::panic::AssertUnwindSafe;
@@ -45,15 +46,31 @@ struct Slot {
     _busy: Busy,
 }
 
-/// Why a delivery could not be settled; it stays unacked and the broker redelivers it.
+/// Where a delivery is settled: the confirmed publisher on its connection and the acker of the
+/// channel it came on.
+#[derive(Clone)]
+pub struct Settle {
+    /// Results, retries and dead letters.
+    pub publisher: Publisher,
+    /// Acks, batched.
+    pub acks: Acks,
+}
+
+/// How a delivery ended.
+enum Settled {
+    /// Its result, retry or dead letter is confirmed: ack it.
+    Confirmed,
+    /// Draining before it started: it goes back to the queue.
+    Unstarted,
+}
+
+/// Why a delivery could not be settled; it is returned to the queue (or, with the channel gone,
+/// redelivered by the broker).
 #[derive(Debug, thiserror::Error)]
 pub enum SettleError {
     /// A result, retry or dead-letter publish was not confirmed.
     #[error(transparent)]
     Publish(#[from] PublishError),
-    /// The ack itself failed (the channel is gone).
-    #[error("ack failed")]
-    Ack(#[source] lapin::Error),
 }
 
 impl Worker {
@@ -83,14 +100,15 @@ impl Worker {
         })
     }
 
-    /// Handles one delivery to the end, settling it through `publisher` (a confirm channel on
-    /// the connection the delivery came on). Never panics and never returns an error: a delivery
-    /// it cannot settle is nacked back to the queue (or left for the broker to redeliver).
+    /// Handles one delivery to the end, settling it through `channel`: its outcome is published
+    /// and confirmed, then the delivery tag goes to the channel's acker. Never panics and never
+    /// returns an error: a delivery it cannot settle is nacked back to the queue (or left for
+    /// the broker to redeliver).
     ///
     /// Everything it logs is inside a `task` span with the task id, kind and trace id: the
     /// trace of the delivery's `traceparent`, or a new one. The span is this hop of the trace
     /// (exported with `log.otlp_endpoint`), and the result names it as its parent.
-    pub async fn handle(self: Arc<Self>, delivery: Delivery, publisher: Publisher) {
+    pub async fn handle(self: Arc<Self>, delivery: Delivery, channel: Settle) {
         let span = tracing::info_span!(
             "task",
             task_id = %delivery.properties.message_id().as_ref().map_or("-", |id| id.as_str()),
@@ -99,30 +117,38 @@ impl Worker {
         );
         let trace = TraceParent::continue_in(&span, TraceParent::of(&delivery.properties));
         span.record("trace_id", trace.trace_id());
-        self.handle_in_span(delivery, publisher, trace)
+        self.handle_in_span(delivery, channel, trace)
             .instrument(span)
             .await;
     }
 
-    async fn handle_in_span(&self, delivery: Delivery, publisher: Publisher, trace: TraceParent) {
+    async fn handle_in_span(&self, delivery: Delivery, channel: Settle, trace: TraceParent) {
         let _in_flight = self.metrics.handling();
-        let processed = self.process(&delivery, &publisher, trace).await;
-        if processed.is_ok() {
-            self.settled.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Err(error) = processed {
-            tracing::warn!(
-                message_id = ?delivery.properties.message_id(),
-                error = %anyhow::Error::from(error),
-                "could not settle the task; returning it to the queue"
-            );
-            // If the channel is gone this fails too, and the broker redelivers anyway.
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await;
+        let tag = delivery.delivery_tag;
+        match self.process(&delivery, &channel.publisher, trace).await {
+            Ok(Settled::Confirmed) => {
+                channel.acks.ack(tag);
+                self.settled.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Settled::Unstarted) => {
+                // Draining: a task that has not started goes back to the queue untouched.
+                if let Err(error) = requeue(&delivery).await {
+                    tracing::debug!(%error, "could not return an unstarted task; the broker will");
+                } else {
+                    self.settled.fetch_add(1, Ordering::Relaxed);
+                }
+                channel.acks.returned(tag);
+            }
+            Err(error) => {
+                tracing::warn!(
+                    message_id = ?delivery.properties.message_id(),
+                    error = %anyhow::Error::from(error),
+                    "could not settle the task; returning it to the queue"
+                );
+                // If the channel is gone this fails too, and the broker redelivers anyway.
+                let _ = requeue(&delivery).await;
+                channel.acks.returned(tag);
+            }
         }
     }
 
@@ -131,7 +157,7 @@ impl Worker {
         delivery: &Delivery,
         publisher: &Publisher,
         trace: TraceParent,
-    ) -> Result<(), SettleError> {
+    ) -> Result<Settled, SettleError> {
         let who = published_by(delivery, self.own_user.as_deref());
         let who = who.as_deref();
         let max = self.settings.consumer.max_message_bytes;
@@ -140,7 +166,7 @@ impl Worker {
             dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await?;
             self.metrics.ended(UNKNOWN_KIND, TaskOutcome::Rejected);
             self.metrics.dead_lettered(UNKNOWN_KIND);
-            Ok(())
+            Ok(Settled::Confirmed)
         };
         if delivery.data.len() > max {
             let reason = format!(
@@ -177,14 +203,7 @@ impl Worker {
                 _permit: permit.expect("slot semaphores are never closed"),
                 _busy: self.metrics.busy(compute),
             },
-            () = self.shutdown.cancelled() => {
-                // Draining: a task that has not started goes back to the queue untouched.
-                delivery
-                    .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
-                    .await
-                    .map_err(SettleError::Ack)?;
-                return Ok(());
-            }
+            () = self.shutdown.cancelled() => return Ok(Settled::Unstarted),
         };
         let started_at = Utc::now();
         let expired = task.deadline.is_some_and(|d| d < started_at);
@@ -263,9 +282,8 @@ impl Worker {
                 publisher
                     .publish(outgoing(&result(Status::Ok, output, None)))
                     .await?;
-                ack(delivery).await?;
                 self.metrics.ended(kind, TaskOutcome::Ok);
-                Ok(())
+                Ok(Settled::Confirmed)
             }
             Disposition::Retry { delay_ms } => {
                 tracing::debug!(task_id = %task.id, attempt, delay_ms, "retrying");
@@ -290,9 +308,8 @@ impl Worker {
                     headers,
                 );
                 publisher.publish(retry).await?;
-                ack(delivery).await?;
                 self.metrics.ended(kind, TaskOutcome::Retried);
-                Ok(())
+                Ok(Settled::Confirmed)
             }
             Disposition::Fail => {
                 let error = output.err().map(|e| ErrorInfo {
@@ -309,7 +326,7 @@ impl Worker {
                 dead_letter(publisher, delivery, &reason, attempt + 1, who).await?;
                 self.metrics.ended(kind, TaskOutcome::Failed);
                 self.metrics.dead_lettered(kind);
-                Ok(())
+                Ok(Settled::Confirmed)
             }
         }
     }
@@ -354,7 +371,7 @@ impl Worker {
 }
 
 /// Publishes a copy of the delivery to `fleet.dead` with the reason, the attempts made in all and
-/// the time, then acks the original.
+/// the time, and waits for its confirm; the caller then acks the original.
 async fn dead_letter(
     publisher: &Publisher,
     delivery: &Delivery,
@@ -389,7 +406,7 @@ async fn dead_letter(
         headers,
     );
     publisher.publish(copy).await?;
-    ack(delivery).await
+    Ok(())
 }
 
 /// Runs an I/O handler as its own task, so a panic is caught by tokio and does not take the
@@ -429,12 +446,15 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> HandlerError {
     HandlerError::permanent("panic", format!("handler panicked: {message}"))
 }
 
-async fn ack(delivery: &Delivery) -> Result<(), SettleError> {
+/// Returns a delivery to its queue.
+async fn requeue(delivery: &Delivery) -> lapin::Result<()> {
     delivery
-        .ack(BasicAckOptions::default())
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
         .await
         .map(drop)
-        .map_err(SettleError::Ack)
 }
 
 /// Who published the task, as far as the broker vouches for it: the AMQP `user_id` (the broker

@@ -79,6 +79,8 @@ type Pool = deadpool::managed::Pool<Connections>;
 struct App {
     pool: Pool,
     window: usize,
+    /// `topology.work_queues`: tasks are spread over this many queues.
+    shards: usize,
     max_batch: usize,
     token: Option<Secret>,
     user: Option<String>,
@@ -197,6 +199,7 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let app = App {
         pool,
         window: settings.amqp.publish_window,
+        shards: settings.topology.work_queues,
         max_batch: settings.producer.max_batch,
         token: settings.producer.token.clone(),
         user: settings.broker_user(),
@@ -320,6 +323,7 @@ impl App {
                 unavailable()
             })?
             .identified_as(self.user.clone())
+            .sharded(self.shards)
             .timed(self.confirm_seconds.clone());
         let channel = publisher.channel().clone();
         let outcome = publish(publisher).await;

@@ -22,13 +22,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let _ = connection.close(200, "set up".into()).await;
     println!(
         "topology declared: exchanges {}, {}, {}, {}, {}, {}; queues {}, {}, {} and {} delay queues",
-        topology::TASKS_EXCHANGE,
+        (0..settings.topology.work_queues)
+            .map(topology::tasks_exchange)
+            .collect::<Vec<_>>()
+            .join(", "),
         topology::RETRY_EXCHANGE,
         topology::DEAD_EXCHANGE,
         topology::RESULTS_EXCHANGE,
         topology::BATCHES_EXCHANGE,
         topology::STATUS_EXCHANGE,
-        topology::WORK_QUEUE,
+        topology::work_queues(&settings).join(", "),
         topology::DEAD_QUEUE,
         topology::RESULTS_QUEUE,
         settings.all_retry_delays().len()

@@ -167,7 +167,8 @@ pub async fn connect_publisher(
     let publisher = Publisher::new(&connection, settings.amqp.publish_window)
         .await
         .context("opening a publish channel")?
-        .identified_as(settings.broker_user());
+        .identified_as(settings.broker_user())
+        .sharded(settings.topology.work_queues);
     topology::ensure(&connection, settings).await?;
     Ok((connection, publisher))
 }

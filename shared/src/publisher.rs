@@ -242,6 +242,8 @@ pub struct Publisher {
     window_size: usize,
     user: Option<ShortString>,
     confirm_seconds: Option<Histogram>,
+    /// Work queues to spread tasks over (`topology.work_queues`).
+    shards: usize,
 }
 
 impl Publisher {
@@ -257,7 +259,16 @@ impl Publisher {
             window_size: window,
             user: None,
             confirm_seconds: None,
+            shards: 1,
         })
+    }
+
+    /// Spreads tasks (messages to [`topology::TASKS_EXCHANGE`]) over `shards` work queues, by a
+    /// hash of the task id, so every publisher sends a given task to the same queue.
+    #[must_use]
+    pub fn sharded(mut self, shards: usize) -> Self {
+        self.shards = shards.max(1);
+        self
     }
 
     /// Sets AMQP `user_id` = `user` (the broker user this connection logged in as) on every
@@ -384,13 +395,18 @@ impl Publisher {
         if let Some(user) = &self.user {
             properties = properties.with_user_id(user.clone());
         }
-        let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
+        let exchange = match self.shards {
+            1 => message.exchange.clone(),
+            _ if message.exchange != topology::TASKS_EXCHANGE => message.exchange.clone(),
+            shards => topology::tasks_exchange(shard_of(&properties, shards)),
+        };
+        let routing_key = message.routing_key.clone();
         let sent = Instant::now();
         let timer = self.confirm_seconds.clone();
         let confirm = self
             .channel
             .basic_publish(
-                message.exchange.as_str().into(),
+                exchange.as_str().into(),
                 message.routing_key.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
@@ -412,6 +428,18 @@ impl Publisher {
             check(confirm, exchange, routing_key)
         })
     }
+}
+
+/// The shard of a task: FNV-1a of its message id (the task id) modulo `shards`.
+fn shard_of(properties: &BasicProperties, shards: usize) -> usize {
+    let id = properties
+        .message_id()
+        .as_ref()
+        .map_or("", |id| id.as_str());
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    usize::try_from(hash % shards as u64).unwrap_or(0)
 }
 
 /// Messages whose publish was not confirmed, given back to the caller with the first error.

@@ -33,7 +33,7 @@ pub const ADMIN: Role = Role {
 pub const PRODUCER: Role = Role {
     name: "producer",
     configure: NOTHING,
-    write: r"^fleet\.(tasks|batches)$",
+    write: r"^fleet\.(tasks(\.[0-9]+)?|batches)$",
     read: NOTHING,
 };
 
@@ -42,7 +42,7 @@ pub const CONSUMER: Role = Role {
     name: "consumer",
     configure: NOTHING,
     write: r"^fleet\.(results|retry|dead|status)$",
-    read: r"^fleet\.tasks\.default$",
+    read: r"^fleet\.tasks\.default(\.[0-9]+)?$",
 };
 
 /// Takes results and manifests; dead-letters undecodable ones; publishes status beats.

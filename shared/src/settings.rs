@@ -103,6 +103,9 @@ pub enum QueueType {
     Classic,
 }
 
+/// Most work queues `topology.work_queues` may ask for.
+pub const MAX_WORK_QUEUES: usize = 64;
+
 /// `[topology]`: arguments of the queues every service declares.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,6 +119,10 @@ pub struct TopologySettings {
     /// Default `[1000, 5000, 30000, 120000, 600000]`. Env `FLEET_TOPOLOGY__RETRY_DELAYS_MS=1000,5000`.
     #[serde(deserialize_with = "delays")]
     pub retry_delays_ms: Vec<u64>,
+    /// Work queues the tasks are spread over, to use more than one broker core (a queue is one
+    /// Erlang process). Default 1: `fleet.tasks.default` alone. Every service of a fleet needs
+    /// the same value. Env `FLEET_TOPOLOGY__WORK_QUEUES`.
+    pub work_queues: usize,
 }
 
 /// `[consumer]`: the worker process.
@@ -125,9 +132,11 @@ pub struct ConsumerSettings {
     /// Compute slots, and threads in the blocking pool. Default: the number of CPU cores.
     /// Env `FLEET_CONSUMER__WORKERS`.
     pub workers: usize,
-    /// I/O-bound handlers running at once. Default 256. Env `FLEET_CONSUMER__IO_CONCURRENCY`.
+    /// I/O-bound handlers running at once. Default 256. The prefetch covers them too, so a
+    /// consumer full of waiting I/O tasks still has room for compute ones.
+    /// Env `FLEET_CONSUMER__IO_CONCURRENCY`.
     pub io_concurrency: usize,
-    /// Unacked deliveries per worker slot (prefetch = workers x this). Default 4.
+    /// Unacked deliveries per worker slot (prefetch = workers x this + io_concurrency). Default 4.
     /// Env `FLEET_CONSUMER__PREFETCH_PER_WORKER`.
     pub prefetch_per_worker: u16,
     /// Largest task body accepted, in bytes; larger ones are dead-lettered. Default 1048576.
@@ -227,7 +236,8 @@ pub struct CollectorSettings {
     pub listen: String,
     /// Results per transaction at most. Default 1000. Env `FLEET_COLLECTOR__BATCH_SIZE`.
     pub batch_size: usize,
-    /// Milliseconds a partial transaction waits for more results. Default 5.
+    /// Milliseconds a partial transaction waits for more results. Default 0: it stores what
+    /// has arrived (under load, results gather while the previous transaction commits).
     /// Env `FLEET_COLLECTOR__FLUSH_INTERVAL_MS`.
     pub flush_interval_ms: u64,
     /// Seconds to finish storing in-flight results after SIGTERM. Default 10.
@@ -269,6 +279,7 @@ reconnect_timeout_secs = 300
 [topology]
 queue_type = "quorum"
 delivery_limit = 5
+work_queues = 1
 retry_delays_ms = [1000, 5000, 30000, 120000, 600000]
 
 [consumer]
@@ -297,7 +308,7 @@ max_body_bytes = 16777216
 db = "./fleet-results.db"
 listen = "127.0.0.1:8081"
 batch_size = 1000
-flush_interval_ms = 5
+flush_interval_ms = 0
 grace_period_secs = 10
 
 [log]
@@ -382,14 +393,24 @@ impl Settings {
                 return Err(SettingsError::new(key, "must be at least 1"));
             }
         }
-        let prefetch = self.consumer.workers * usize::from(self.consumer.prefetch_per_worker);
+        let prefetch = self
+            .consumer
+            .workers
+            .saturating_mul(usize::from(self.consumer.prefetch_per_worker))
+            .saturating_add(self.consumer.io_concurrency);
         if prefetch > usize::from(u16::MAX) {
             return Err(SettingsError::new(
                 "consumer.prefetch_per_worker",
-                "workers x prefetch_per_worker must fit in 65535",
+                "workers x prefetch_per_worker + io_concurrency must fit in 65535",
             ));
         }
         check_delays("topology.retry_delays_ms", &self.topology.retry_delays_ms)?;
+        if !(1..=MAX_WORK_QUEUES).contains(&self.topology.work_queues) {
+            return Err(SettingsError::new(
+                "topology.work_queues",
+                format!("must be from 1 to {MAX_WORK_QUEUES}"),
+            ));
+        }
         if self.consumer.time_limit_ms == 0 {
             return Err(SettingsError::new(
                 "consumer.time_limit_ms",
@@ -515,9 +536,12 @@ impl Settings {
             .then_some(uri.authority.userinfo.username)
     }
 
-    /// Prefetch count of a consumer: workers x prefetch_per_worker (validated to fit in u16).
+    /// Prefetch count of a consumer: workers x prefetch_per_worker for the compute slots, plus
+    /// io_concurrency, so I/O tasks waiting on the network never take the compute slots' share
+    /// of the window (validated to fit in u16).
     pub fn prefetch(&self) -> u16 {
-        let n = self.consumer.workers * usize::from(self.consumer.prefetch_per_worker);
+        let n = self.consumer.workers * usize::from(self.consumer.prefetch_per_worker)
+            + self.consumer.io_concurrency;
         u16::try_from(n).unwrap_or(u16::MAX)
     }
 

@@ -57,7 +57,7 @@ pub fn process_id() -> String {
 pub fn spawn_beats(
     channel: Channel,
     service: &'static str,
-    queue: &'static str,
+    queue: String,
     prefetch: u16,
     unacked: impl Fn() -> u64 + Send + 'static,
     stop: CancellationToken,
@@ -73,7 +73,7 @@ pub fn spawn_beats(
             let beat = Beat {
                 service: service.to_owned(),
                 process: process.clone(),
-                queue: queue.to_owned(),
+                queue: queue.clone(),
                 unacked: unacked(),
                 prefetch,
                 at: Utc::now(),

@@ -43,9 +43,35 @@ pub const BATCHES_EXCHANGE: &str = "fleet.batches";
 /// nothing until `fleet-producer status` listens; see [`crate::status`]).
 pub const STATUS_EXCHANGE: &str = "fleet.status";
 
+/// The exchange for the tasks of work queue `shard`: [`TASKS_EXCHANGE`] for shard 0, then
+/// `fleet.tasks.1`, `fleet.tasks.2`, ... With `topology.work_queues` = K > 1 each shard is its
+/// own topic exchange bound to its own queue; producers spread tasks over them by task id.
+/// Shard 0 is the topology of K = 1 unchanged, so publishers that know nothing of shards, and
+/// retries coming back from the delay queues, still reach a queue every consumer reads.
+pub fn tasks_exchange(shard: usize) -> String {
+    match shard {
+        0 => TASKS_EXCHANGE.to_owned(),
+        n => format!("{TASKS_EXCHANGE}.{n}"),
+    }
+}
+
+/// Work queue `shard`: [`WORK_QUEUE`] for shard 0, then `fleet.tasks.default.1`, ...
+pub fn work_queue(shard: usize) -> String {
+    match shard {
+        0 => WORK_QUEUE.to_owned(),
+        n => format!("{WORK_QUEUE}.{n}"),
+    }
+}
+
+/// The work queues of `settings` (`topology.work_queues` of them).
+pub fn work_queues(settings: &Settings) -> Vec<String> {
+    (0..settings.topology.work_queues).map(work_queue).collect()
+}
+
 /// Every queue the topology has: work, delay queues, dead letters, results.
 pub fn queues(settings: &Settings) -> Vec<String> {
-    std::iter::once(WORK_QUEUE.to_owned())
+    work_queues(settings)
+        .into_iter()
         .chain(settings.all_retry_delays().into_iter().map(retry_queue))
         .chain([DEAD_QUEUE.to_owned(), RESULTS_QUEUE.to_owned()])
         .collect()
@@ -98,14 +124,16 @@ pub async fn declare(channel: &Channel, all: &Settings) -> lapin::Result<()> {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    channel
-        .exchange_declare(
-            TASKS_EXCHANGE.into(),
-            ExchangeKind::Topic,
-            exchange,
-            FieldTable::default(),
-        )
-        .await?;
+    for shard in 0..settings.work_queues {
+        channel
+            .exchange_declare(
+                tasks_exchange(shard).as_str().into(),
+                ExchangeKind::Topic,
+                exchange,
+                FieldTable::default(),
+            )
+            .await?;
+    }
     channel
         .exchange_declare(
             DEAD_EXCHANGE.into(),
@@ -159,18 +187,21 @@ pub async fn declare(channel: &Channel, all: &Settings) -> lapin::Result<()> {
             AMQPValue::LongInt(i32::try_from(settings.delivery_limit).unwrap_or(i32::MAX)),
         );
     }
-    channel
-        .queue_declare(WORK_QUEUE.into(), durable(), work)
-        .await?;
-    channel
-        .queue_bind(
-            WORK_QUEUE.into(),
-            TASKS_EXCHANGE.into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    for shard in 0..settings.work_queues {
+        let queue = work_queue(shard);
+        channel
+            .queue_declare(queue.as_str().into(), durable(), work.clone())
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                tasks_exchange(shard).as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
 
     for delay in all.all_retry_delays() {
         let name = retry_queue(delay);

@@ -476,8 +476,8 @@ async fn status_shows_ready_unacked_and_consumers_of_every_queue_over_amqp() {
             .map_or(0, |s| s.done)
     };
 
-    // As guest (an administrator here): the consumer holds its full prefetch, four run, the
-    // rest wait; each queue shows its consumers. (Right after the slow start a second, cancelled
+    // As guest (an administrator here): the consumer holds its full prefetch (1 worker x 4 +
+    // 4 I/O slots), four run, the rest wait; each queue shows its consumers. (Right after the slow start a second, cancelled
     // consumer may still hold a delivery until it is acked; the broker counts it till then.)
     let (status, before, after) = eventually(
         "one consumer holding its full prefetch",
@@ -487,12 +487,12 @@ async fn status_shows_ready_unacked_and_consumers_of_every_queue_over_amqp() {
             let (status, _) = status_json(&env).await;
             let after = done().await;
             let work = queue(&status, topology::WORK_QUEUE);
-            (work.unacked == Some(4) && work.consumers == 1).then_some((status, before, after))
+            (work.unacked == Some(8) && work.consumers == 1).then_some((status, before, after))
         },
     )
     .await;
     let work = queue(&status, topology::WORK_QUEUE);
-    let implied_done = 40 - 4 - i64::from(work.ready);
+    let implied_done = 40 - 8 - i64::from(work.ready);
     assert!(
         (i64::try_from(before).expect("small")..=i64::try_from(after).expect("small"))
             .contains(&implied_done),
@@ -513,7 +513,7 @@ async fn status_shows_ready_unacked_and_consumers_of_every_queue_over_amqp() {
         .map(|b| (b.service.as_str(), b.prefetch))
         .collect();
     services.sort_unstable();
-    assert_eq!(services, [("collector", 2_000), ("consumer", 4)]);
+    assert_eq!(services, [("collector", 2_000), ("consumer", 8)]);
 
     // A user that may not listen to beats gets the counts, and `?` for unacked.
     let producer = fleet_tests::User::new();

@@ -75,17 +75,21 @@ pub async fn run(
     // Every delivery ever started, for the final drain.
     let in_flight = TaskTracker::new();
     let queues = topology::work_queues(&settings);
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        broker = %redact(&settings.amqp.url),
-        queues = ?queues,
-        workers = settings.consumer.workers,
-        io_concurrency = settings.consumer.io_concurrency,
-        prefetch = settings.prefetch(),
-        kinds = ?kinds,
-        %listen,
-        "fleet-consumer started"
-    );
+    // Once the first lane is consuming.
+    let announce = || {
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            broker = %redact(&settings.amqp.url),
+            queues = ?queues,
+            workers = settings.consumer.workers,
+            io_concurrency = settings.consumer.io_concurrency,
+            prefetch = settings.prefetch(),
+            kinds = ?kinds,
+            %listen,
+            "fleet-consumer started"
+        );
+    };
+    let announced = std::sync::Once::new();
     // One lane per work queue, each with its own connection; the prefetch is shared out.
     let lane_prefetch = settings
         .prefetch()
@@ -98,6 +102,8 @@ pub async fn run(
         health: &health,
         shutdown: &shutdown,
         prefetch: lane_prefetch,
+        announce: &announce,
+        announced: &announced,
     };
     let lanes = queues.iter().map(|queue| shared.run(queue));
     let subscriptions = match futures_util::future::try_join_all(lanes).await {
@@ -147,6 +153,9 @@ struct Lanes<'a> {
     shutdown: &'a CancellationToken,
     /// This lane's share of the prefetch.
     prefetch: u16,
+    /// The start-up banner, logged once the first lane consumes.
+    announce: &'a (dyn Fn() + Sync),
+    announced: &'a std::sync::Once,
 }
 
 impl Lanes<'_> {
@@ -162,6 +171,8 @@ impl Lanes<'_> {
             health,
             shutdown,
             prefetch,
+            announce,
+            announced,
         } = *self;
         let mut sessions = 0u64;
         loop {
@@ -171,6 +182,7 @@ impl Lanes<'_> {
             else {
                 return Ok(None);
             };
+            announced.call_once(announce);
             if sessions > 0 {
                 common.reconnects.inc();
                 tracing::info!(

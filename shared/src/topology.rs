@@ -337,6 +337,16 @@ async fn check(channel: &Channel, settings: &Settings) -> lapin::Result<()> {
             .exchange_declare(name.into(), kind, passive_exchange, FieldTable::default())
             .await?;
     }
+    for shard in 1..settings.topology.work_queues {
+        channel
+            .exchange_declare(
+                tasks_exchange(shard).as_str().into(),
+                ExchangeKind::Topic,
+                passive_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+    }
     let passive_queue = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()

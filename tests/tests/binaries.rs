@@ -41,6 +41,8 @@ fn a_bad_setting_exits_2_with_a_line_naming_the_key() {
             "log.otlp_endpoint",
         ),
         ("FLEET_CONSUMER__LISTEN", "everywhere", "consumer.listen"),
+        ("FLEET_TOPOLOGY__WORK_QUEUES", "0", "topology.work_queues"),
+        ("FLEET_TOPOLOGY__WORK_QUEUES", "65", "topology.work_queues"),
     ] {
         let output = run("fleet-consumer", &[], &[(key, value)]);
         assert_eq!(output.status.code(), Some(2), "{key}");

@@ -112,7 +112,12 @@ async fn assert_every_square_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_of_one_of_two_consumers_loses_nothing() {
     let vhost = Vhost::new();
-    let env = vhost.env(&[("FLEET_CONSUMER__WORKERS", "2")]);
+    // A window of 9 per consumer (no room for I/O tasks, which this test has none of), so the
+    // kill comes while most of the batch is outstanding.
+    let env = vhost.env(&[
+        ("FLEET_CONSUMER__WORKERS", "2"),
+        ("FLEET_CONSUMER__IO_CONCURRENCY", "1"),
+    ]);
     let settings = settings_of(&env);
     let collector = Service::collector(&settings);
     let victim = Process::spawn("fleet-consumer", &[], &env);
@@ -237,6 +242,9 @@ async fn two_broker_restarts_lose_nothing_and_every_service_resumes_by_itself() 
         &dir,
         &[
             ("FLEET_CONSUMER__WORKERS", "2"),
+            // A window of 9 (no room for I/O tasks, which this test has none of) keeps the
+            // batch running across both restarts.
+            ("FLEET_CONSUMER__IO_CONCURRENCY", "1"),
             ("FLEET_AMQP__HEARTBEAT_SECS", "5"),
         ],
     );

@@ -396,7 +396,7 @@ async fn a_callers_traceparent_reaches_the_result_and_every_log_line_about_the_t
         (
             &logs[2],
             "fleet-consumer started",
-            &["queue", "workers", "io_concurrency", "prefetch", "listen"][..],
+            &["queues", "workers", "io_concurrency", "prefetch", "listen"][..],
         ),
     ] {
         let text = std::fs::read_to_string(file).expect("a service log");

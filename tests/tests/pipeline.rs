@@ -73,6 +73,92 @@ async fn ten_thousand_squares_through_two_consumers_are_stored_exactly_once() {
     collector.stop().await.expect("collector drains cleanly");
 }
 
+/// Messages ready in `queue`, from a passive declare.
+async fn ready(settings: &fleet_shared::settings::Settings, queue: &str) -> u32 {
+    let connection = fleet_shared::amqp::connect(settings, "test-count")
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let count = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("queue exists")
+        .message_count();
+    let _ = connection.close(200, "counted".into()).await;
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_two_work_queues_tasks_are_spread_over_both_and_one_consumer_takes_them_all() {
+    let vhost = Vhost::new();
+    let sharded = [("FLEET_TOPOLOGY__WORK_QUEUES", "2")];
+    let settings = vhost.settings(&sharded);
+    // The admin (guest) declares the topology; the producer and consumer roles do the rest, so
+    // their permissions cover the shards' exchange and queue.
+    let (connection, _) = submit::connect_publisher(&settings, "test-setup")
+        .await
+        .expect("topology");
+    let _ = connection.close(200, "declared".into()).await;
+    let as_role = |role: fleet_shared::roles::Role| {
+        let user = fleet_tests::User::new();
+        user.permit(&vhost.name, role.configure, role.write, role.read);
+        let settings = fleet_tests::settings_of(&vhost.env_as(&user, &sharded));
+        (user, settings)
+    };
+    let (_producer, producer) = as_role(fleet_shared::roles::PRODUCER);
+    let (_consumer, consumer) = as_role(fleet_shared::roles::CONSUMER);
+    let (connection, publisher) = submit::connect_publisher(&producer, "test")
+        .await
+        .expect("publisher");
+    let payloads: Vec<Value> = (0..2_000i64).map(|n| json!({ "n": n })).collect();
+    let receipt = submit::publish_batch(&publisher, "square", payloads)
+        .await
+        .expect("published");
+    // A task published without shards (an outside publisher, or a retry coming back) goes to
+    // fleet.tasks, which is shard 0.
+    let plain = Task::new("plain-1".into(), "square".into(), None, json!({ "n": 7 }));
+    publisher
+        .publish(Outgoing::task(&plain))
+        .await
+        .expect("published to fleet.tasks");
+    let _ = connection.close(200, "done".into()).await;
+    assert_eq!(topology::work_queue(1), "fleet.tasks.default.1");
+    let (first, second) = (
+        ready(&settings, topology::WORK_QUEUE).await,
+        ready(&settings, &topology::work_queue(1)).await,
+    );
+    assert_eq!(first + second, 2_001, "every task in one of the two queues");
+    // By a hash of the task id: about half each.
+    assert!((850..=1_150).contains(&second), "{first} and {second}");
+
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&consumer);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let status = complete(&client, &receipt.batch, Duration::from_secs(120)).await;
+    assert_eq!(
+        (status.done, status.ok, status.failed, status.duplicates),
+        (2_000, 2_000, 0, 0)
+    );
+    let square = eventually(
+        "the unsharded task's result",
+        Duration::from_secs(30),
+        || async { client.task("plain-1").await.ok().flatten() },
+    )
+    .await;
+    assert_eq!(square.output, Some(json!({ "n": 7, "square": 49 })));
+    assert_eq!(ready(&settings, topology::WORK_QUEUE).await, 0);
+    assert_eq!(ready(&settings, &topology::work_queue(1)).await, 0);
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn malformed_unknown_and_oversized_messages_are_dead_lettered_with_reasons() {
     let vhost = Vhost::new();

@@ -2,17 +2,23 @@
 //! against the local broker, and in the same run a plain lapin pipeline as the baseline.
 //!
 //! Both sides use persistent messages on quorum queues, up to 1,024 confirms outstanding when
-//! publishing tasks, one confirmed result publish per task and one ack per message. The last
-//! line printed is:
-//! `fleet-bench tasks=N fleet_tps=X baseline_tps=Y ratio=R p50_ms=A p99_ms=B client_cpu_us_per_task=C`
-//! Latency is submit to stored, measured from each task id's UUIDv7 timestamp (millisecond
-//! precision) to the collector's commit time. Build the binaries in release mode first
-//! (`make bench` does).
+//! publishing tasks, one confirmed result publish per task, and an ack only after that confirm;
+//! the baseline's consumer has the fleet consumer's prefetch. The last line printed is:
+//! `fleet-bench tasks=N fleet_tps=X baseline_tps=Y ratio=R p50_ms=A p99_ms=B client_cpu_us_per_task=C baseline_client_cpu_us_per_task=D`
+//! and the lines before it give CPU per task of each process and of the broker, and the peak
+//! RSS of each fleet process. Latency there is submit to stored, from each task id's UUIDv7
+//! timestamp (millisecond precision) to the collector's commit time.
+//!
+//! Other modes (docs/BENCHMARKS.md): `--paced RATE` (latency at a steady rate, submit time
+//! taken to the microsecond), `--workers` (the worker model), `--work-queues K`,
+//! `--strace DIR` (syscalls per task), `--soak` (nothing lost under chaos). Build the binaries
+//! in release mode first (`make bench` does).
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use fleet_producer::client::CollectorClient;
 use fleet_producer::collector::store::Store;
+use fleet_producer::submit;
 use fleet_shared::settings::Settings;
 use fleet_tests::Vhost;
 use futures_util::StreamExt;
@@ -49,6 +55,27 @@ struct Args {
     /// With --soak: consumer processes.
     #[arg(long, default_value_t = 2, requires = "soak")]
     consumers: usize,
+    /// Spread the fleet's tasks over this many work queues (`topology.work_queues`).
+    #[arg(long, default_value_t = 1)]
+    work_queues: usize,
+    /// Run the fleet's three processes under `strace -f -c` (summaries in this directory) and
+    /// report syscalls per task; times and CPU are then not comparable.
+    #[arg(long)]
+    strace: Option<PathBuf>,
+    /// Instead of the comparison: latency at this many tasks a second, for --seconds.
+    #[arg(long)]
+    paced: Option<u64>,
+    /// With --paced: how long.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Instead of the comparison: the worker model (compute tasks with 1 and 2 workers, 100 ms
+    /// I/O tasks from one consumer, both at once).
+    #[arg(long)]
+    workers: bool,
+    /// With --workers: `primes` below this (about 10 ms of CPU each on the machine of
+    /// docs/BENCHMARKS.md).
+    #[arg(long, default_value_t = 2_000_000)]
+    below: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,15 +83,23 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match args.soak {
-        Some(duration) => runtime.block_on(soak(fleet_tests::soak::Plan {
+    if let Some(duration) = args.soak {
+        return runtime.block_on(soak(fleet_tests::soak::Plan {
             duration,
             rate: args.rate,
             consumers: args.consumers,
             chaos: args.chaos,
-        })),
-        None => runtime.block_on(bench(args)),
+        }));
     }
+    let queues = args.work_queues.to_string();
+    let extra = work_queues(&queues);
+    if let Some(rate) = args.paced {
+        return runtime.block_on(paced(&Vhost::new(), rate, args.seconds, &extra));
+    }
+    if args.workers {
+        return runtime.block_on(workers(&Vhost::new(), args.below, 200, 6_000));
+    }
+    runtime.block_on(bench(args))
 }
 
 async fn soak(plan: fleet_tests::soak::Plan) -> anyhow::Result<()> {
@@ -101,39 +136,74 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let prefetch = args
         .baseline_prefetch
         .unwrap_or_else(|| settings.prefetch());
+    let broker = broker_pid();
+    let broker_cpu = || broker.map_or(f64::NAN, pid_cpu_us);
+    let (own_before, broker_before) = (cpu_us(Path::new("/proc/self/stat"), false)?, broker_cpu());
     let baseline = baseline(&settings, args.tasks, prefetch)
         .await
         .context("baseline")?;
+    let per_task = |us: f64| us / args.tasks as f64;
+    let baseline_cpu = per_task(cpu_us(Path::new("/proc/self/stat"), false)? - own_before);
+    let baseline_broker = per_task(broker_cpu() - broker_before);
     println!(
-        "baseline: {} tasks in {:.2}s = {:.0} tasks/s",
+        "baseline: {} tasks in {:.2}s = {:.0} tasks/s; prefetch {prefetch}; CPU us/task client {baseline_cpu:.1} broker {baseline_broker:.1}",
         args.tasks,
         baseline.as_secs_f64(),
         rate(args.tasks, baseline)
     );
-    let fleet = fleet(&vhost, &settings, args.tasks)
+    let queues = args.work_queues.to_string();
+    let extra = work_queues(&queues);
+    let broker_before = broker_cpu();
+    let fleet = fleet(&vhost, args.tasks, &extra, args.strace.as_deref())
         .await
         .context("fleet")?;
+    let fleet_broker = per_task(broker_cpu() - broker_before);
+    let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
-        "fleet: {} tasks in {:.2}s = {:.0} tasks/s; CPU us/task producer {:.1} consumer {:.1} collector {:.1}",
+        "fleet: {} tasks in {:.2}s = {:.0} tasks/s; work queues {}; CPU us/task producer {:.1} consumer {:.1} collector {:.1} broker {fleet_broker:.1}; peak RSS MiB producer {:.1} consumer {:.1} collector {:.1}",
         args.tasks,
         fleet.elapsed.as_secs_f64(),
         rate(args.tasks, fleet.elapsed),
-        fleet.cpu_us[0] / args.tasks as f64,
-        fleet.cpu_us[1] / args.tasks as f64,
-        fleet.cpu_us[2] / args.tasks as f64,
+        args.work_queues,
+        per_task(fleet.cpu_us[0]),
+        per_task(fleet.cpu_us[1]),
+        per_task(fleet.cpu_us[2]),
+        mib(fleet.peak_kib[0]),
+        mib(fleet.peak_kib[1]),
+        mib(fleet.peak_kib[2]),
     );
+    if let Some([producer, consumer, collector]) = fleet.syscalls {
+        let per = |n: u64| n as f64 / args.tasks as f64;
+        println!(
+            "syscalls/task producer {:.2} consumer {:.2} collector {:.2} (strace -c summaries in {})",
+            per(producer),
+            per(consumer),
+            per(collector),
+            args.strace.as_deref().unwrap_or(Path::new("?")).display()
+        );
+    }
     let (fleet_tps, baseline_tps) = (rate(args.tasks, fleet.elapsed), rate(args.tasks, baseline));
     println!(
-        "fleet-bench tasks={} fleet_tps={:.0} baseline_tps={:.0} ratio={:.2} p50_ms={:.1} p99_ms={:.1} client_cpu_us_per_task={:.1}",
+        "fleet-bench tasks={} fleet_tps={:.0} baseline_tps={:.0} ratio={:.2} p50_ms={:.1} p99_ms={:.1} client_cpu_us_per_task={:.1} baseline_client_cpu_us_per_task={baseline_cpu:.1}",
         args.tasks,
         fleet_tps,
         baseline_tps,
         fleet_tps / baseline_tps,
         fleet.p50_ms,
         fleet.p99_ms,
-        fleet.cpu_us.iter().sum::<f64>() / args.tasks as f64,
+        per_task(fleet.cpu_us.iter().sum::<f64>()),
     );
     Ok(())
+}
+
+/// The setting for `--work-queues`, left out at 1 so that binaries from before the setting
+/// existed can be measured with this bench too.
+fn work_queues(queues: &str) -> Vec<(&'static str, &str)> {
+    if queues == "1" {
+        Vec::new()
+    } else {
+        vec![("FLEET_TOPOLOGY__WORK_QUEUES", queues)]
+    }
 }
 
 fn rate(tasks: u64, elapsed: Duration) -> f64 {
@@ -269,12 +339,17 @@ async fn baseline(settings: &Settings, tasks: u64, prefetch: u16) -> anyhow::Res
     Ok(elapsed)
 }
 
+/// Figures of one fleet batch.
 struct FleetRun {
     elapsed: Duration,
     p50_ms: f64,
     p99_ms: f64,
     /// CPU (user + sys) in microseconds: producer, consumer, collector.
     cpu_us: [f64; 3],
+    /// Peak RSS (VmHWM) in KiB: producer, consumer, collector.
+    peak_kib: [u64; 3],
+    /// Syscalls made: producer, consumer, collector (with `--strace` only).
+    syscalls: Option<[u64; 3]>,
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -287,14 +362,17 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn spawn(name: &str, args: &[&str], env: &[(String, String)]) -> anyhow::Result<Child> {
-    Command::new(sibling(name)?)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {name}"))
+/// A service binary, under `strace -f -c` when `strace` names an output file.
+fn command(name: &str, strace: Option<&Path>) -> anyhow::Result<Command> {
+    let binary = sibling(name)?;
+    Ok(match strace {
+        None => Command::new(binary),
+        Some(out) => {
+            let mut command = Command::new("strace");
+            command.args(["-f", "-c", "-o"]).arg(out).arg(binary);
+            command
+        }
+    })
 }
 
 fn clock_ticks() -> f64 {
@@ -327,104 +405,367 @@ fn cpu_us(stat: &Path, children: bool) -> anyhow::Result<f64> {
     )
 }
 
-fn stop(mut child: Child) -> anyhow::Result<()> {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()?;
-    child.wait()?;
-    Ok(())
+fn pid_cpu_us(pid: u32) -> f64 {
+    cpu_us(&PathBuf::from(format!("/proc/{pid}/stat")), false).unwrap_or(0.0)
 }
 
-async fn fleet(vhost: &Vhost, settings: &Settings, tasks: u64) -> anyhow::Result<FleetRun> {
-    let env = vec![
-        ("FLEET_AMQP__URL".to_owned(), vhost.url()),
-        (
-            "FLEET_COLLECTOR__DB".to_owned(),
-            settings.collector.db.display().to_string(),
-        ),
-        (
-            "FLEET_COLLECTOR__LISTEN".to_owned(),
-            settings.collector.listen.clone(),
-        ),
-    ];
-    let collector = spawn("fleet-collector", &[], &env)?;
-    let consumer = spawn("fleet-consumer", &[], &env)?;
-    let client = CollectorClient::new(&settings.producer.collector_url);
-    let up = Instant::now();
-    while client.batch("none").await.is_err() {
-        anyhow::ensure!(
-            up.elapsed() < Duration::from_secs(20),
-            "the collector did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let input = vhost.dir.join("input.jsonl");
-    let lines: String = (0..tasks)
-        .map(|n| format!("{{\"n\":{}}}\n", n % 3_000_000))
-        .collect();
-    std::fs::write(&input, lines)?;
+/// Peak resident memory (VmHWM) of `pid`, in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
 
-    let producer_cpu_before = cpu_us(Path::new("/proc/self/stat"), true)?;
-    let started = Instant::now();
-    let submitted = Command::new(sibling("fleet-producer")?)
-        .args(["submit", "square", "--input"])
-        .arg(&input)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("RUST_LOG", "warn")
+/// The broker's OS process, to count its CPU beside ours.
+fn broker_pid() -> Option<u32> {
+    let out = Command::new("rabbitmqctl")
+        .args(["eval", "list_to_integer(os:getpid())."])
         .output()
-        .context("running fleet-producer submit")?;
-    anyhow::ensure!(
-        submitted.status.success(),
-        "submit failed: {}",
-        String::from_utf8_lossy(&submitted.stderr)
-    );
-    let producer_cpu = cpu_us(Path::new("/proc/self/stat"), true)? - producer_cpu_before;
-    let batch = String::from_utf8(submitted.stdout)?.trim().to_owned();
-    loop {
-        if let Some(status) = client.batch(&batch).await?
-            && status.complete
-        {
-            anyhow::ensure!(
-                status.ok == tasks && status.duplicates == 0,
-                "unexpected outcome: {status:?}"
-            );
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(600),
-            "the batch did not complete in 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let elapsed = started.elapsed();
-    let consumer_cpu = cpu_us(
-        &PathBuf::from(format!("/proc/{}/stat", consumer.id())),
-        false,
-    )?;
-    let collector_cpu = cpu_us(
-        &PathBuf::from(format!("/proc/{}/stat", collector.id())),
-        false,
-    )?;
-    stop(consumer)?;
-    stop(collector)?;
+        .ok()?;
+    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+}
 
-    let store = Store::open(&settings.collector.db)?;
-    let mut latencies_ms: Vec<f64> = store
-        .stored_times(&batch)?
+/// The process a `strace` child runs (its only child), or the child itself.
+fn service_pid(child: &Child, straced: bool) -> u32 {
+    if !straced {
+        return child.id();
+    }
+    for _ in 0..100 {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+            .unwrap_or_default();
+        if let Some(pid) = children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+        {
+            return pid;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.id()
+}
+
+/// The calls in the `total` line of an `strace -c` summary.
+fn strace_total(summary: &Path) -> u64 {
+    std::fs::read_to_string(summary)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.trim_end().ends_with(" total"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A running collector and consumer on the bench's vhost.
+struct Services {
+    env: Vec<(String, String)>,
+    settings: Settings,
+    collector: Child,
+    consumer: Child,
+    /// Where `strace -c` summaries go, when counting syscalls.
+    strace: Option<PathBuf>,
+    client: CollectorClient,
+}
+
+impl Services {
+    /// Starts the collector and one consumer with `extra` settings and waits for the collector.
+    async fn start(
+        vhost: &Vhost,
+        extra: &[(&str, &str)],
+        strace: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let env = vhost.env(extra);
+        let settings = fleet_tests::settings_of(&env);
+        let spawn = |name: &str| -> anyhow::Result<Child> {
+            let summary = strace.map(|dir| dir.join(format!("{name}.strace")));
+            command(name, summary.as_deref())?
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {name}"))
+        };
+        let collector = spawn("fleet-collector")?;
+        let consumer = spawn("fleet-consumer")?;
+        let client = CollectorClient::new(&settings.producer.collector_url);
+        let up = Instant::now();
+        while client.batch("none").await.is_err() {
+            anyhow::ensure!(
+                up.elapsed() < Duration::from_secs(20),
+                "the collector did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            env,
+            settings,
+            collector,
+            consumer,
+            strace: strace.map(Path::to_path_buf),
+            client,
+        })
+    }
+
+    fn pids(&self) -> [u32; 2] {
+        let straced = self.strace.is_some();
+        [
+            service_pid(&self.consumer, straced),
+            service_pid(&self.collector, straced),
+        ]
+    }
+
+    /// Runs `fleet-producer submit KIND` on `lines` (JSON lines) and returns the batch id, the
+    /// producer's CPU in µs and its peak RSS in KiB.
+    async fn submit(&self, kind: &str, lines: &str) -> anyhow::Result<(String, f64, u64)> {
+        let input = self
+            .settings
+            .collector
+            .db
+            .with_file_name(format!("{kind}-{}.jsonl", uuid::Uuid::now_v7()));
+        std::fs::write(&input, lines)?;
+        let summary = self
+            .strace
+            .as_ref()
+            .map(|dir| dir.join("fleet-producer.strace"));
+        let before = cpu_us(Path::new("/proc/self/stat"), true)?;
+        let mut child = command("fleet-producer", summary.as_deref())?
+            .args(["submit", kind, "--input"])
+            .arg(&input)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running fleet-producer submit")?;
+        let pid = service_pid(&child, summary.is_some());
+        let mut peak = 0;
+        let status = loop {
+            peak = peak.max(peak_kib(pid));
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let output = child.wait_with_output()?;
+        anyhow::ensure!(
+            status.success(),
+            "submit failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cpu = cpu_us(Path::new("/proc/self/stat"), true)? - before;
+        let batch = String::from_utf8(output.stdout)?.trim().to_owned();
+        Ok((batch, cpu, peak))
+    }
+
+    /// Waits until `batch` is complete with `tasks` ok results and no duplicates.
+    async fn complete(&self, batch: &str, tasks: u64) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.client.batch(batch).await?
+                && status.complete
+            {
+                anyhow::ensure!(
+                    status.ok == tasks && status.duplicates == 0,
+                    "unexpected outcome: {status:?}"
+                );
+                return Ok(());
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "the batch did not complete in 10 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops both services (SIGTERM, as systemd does) and returns the store.
+    fn stop(self) -> anyhow::Result<Store> {
+        for pid in self.pids() {
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()?;
+        }
+        for mut child in [self.consumer, self.collector] {
+            child.wait()?;
+        }
+        Ok(Store::open(&self.settings.collector.db)?)
+    }
+}
+
+/// Submit-to-stored latencies of `batch` in ms, sorted: `submitted` gives each task's submit
+/// time in µs since the epoch (the UUIDv7 time of its id, to the ms, when absent).
+fn latencies(
+    store: &Store,
+    batch: &str,
+    submitted: Option<&std::collections::HashMap<String, i64>>,
+) -> anyhow::Result<Vec<f64>> {
+    let mut ms: Vec<f64> = store
+        .stored_times(batch)?
         .into_iter()
         .filter_map(|(id, stored_us)| {
-            let (secs, nanos) = uuid::Uuid::parse_str(&id).ok()?.get_timestamp()?.to_unix();
-            let created_us = i64::try_from(secs).ok()? * 1_000_000 + i64::from(nanos / 1000);
+            let created_us = match submitted {
+                Some(times) => *times.get(&id)?,
+                None => {
+                    let (secs, nanos) = uuid::Uuid::parse_str(&id).ok()?.get_timestamp()?.to_unix();
+                    i64::try_from(secs).ok()? * 1_000_000 + i64::from(nanos / 1000)
+                }
+            };
             Some((stored_us - created_us) as f64 / 1000.0)
         })
         .collect();
-    anyhow::ensure!(latencies_ms.len() as u64 == tasks, "latency for every task");
-    latencies_ms.sort_by(f64::total_cmp);
-    let at = |q: f64| latencies_ms[((latencies_ms.len() - 1) as f64 * q).round() as usize];
+    ms.sort_by(f64::total_cmp);
+    Ok(ms)
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len().saturating_sub(1)) as f64 * q).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// One batch of `tasks` squares through a fresh collector and consumer.
+async fn fleet(
+    vhost: &Vhost,
+    tasks: u64,
+    extra: &[(&str, &str)],
+    strace: Option<&Path>,
+) -> anyhow::Result<FleetRun> {
+    let services = Services::start(vhost, extra, strace).await?;
+    let lines: String = (0..tasks)
+        .map(|n| format!("{{\"n\":{}}}\n", n % 3_000_000))
+        .collect();
+    let started = Instant::now();
+    let (batch, producer_cpu, producer_peak) = services.submit("square", &lines).await?;
+    services.complete(&batch, tasks).await?;
+    let elapsed = started.elapsed();
+    let [consumer, collector] = services.pids();
+    let cpu_us = [producer_cpu, pid_cpu_us(consumer), pid_cpu_us(collector)];
+    let peak_kib = [producer_peak, peak_kib(consumer), peak_kib(collector)];
+    let store = services.stop()?;
+    let syscalls = strace.map(|dir| {
+        ["fleet-producer", "fleet-consumer", "fleet-collector"]
+            .map(|name| strace_total(&dir.join(format!("{name}.strace"))))
+    });
+    let ms = latencies(&store, &batch, None)?;
+    anyhow::ensure!(ms.len() as u64 == tasks, "latency for every task");
     Ok(FleetRun {
         elapsed,
-        p50_ms: at(0.50),
-        p99_ms: at(0.99),
-        cpu_us: [producer_cpu, consumer_cpu, collector_cpu],
+        p50_ms: quantile(&ms, 0.50),
+        p99_ms: quantile(&ms, 0.99),
+        cpu_us,
+        peak_kib,
+        syscalls,
     })
+}
+
+/// Latency at a steady rate: this process publishes `rate` squares a second for `seconds`
+/// through the fleet's own publisher (each task when its time comes, not waiting for the
+/// previous confirm), and compares each task's submit time (µs) with its stored time.
+async fn paced(
+    vhost: &Vhost,
+    rate: u64,
+    seconds: u64,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let services = Services::start(vhost, extra, None).await?;
+    let tasks = rate * seconds;
+    let payloads = (0..tasks).map(|n| serde_json::json!({ "n": n })).collect();
+    let submit::Batch { receipt, messages } = submit::batch("square", payloads);
+    let (connection, publisher) =
+        submit::connect_publisher(&services.settings, "fleet-bench-paced").await?;
+    // One task through the whole pipeline first ends the consumer's slow start.
+    let (warm, _, _) = services.submit("square", "{\"n\":1}\n").await?;
+    services.complete(&warm, 1).await?;
+    let mut messages = messages.into_iter();
+    let manifest = messages.next().context("a manifest")?;
+    publisher.publish(manifest).await?;
+    let mut submitted = std::collections::HashMap::with_capacity(receipt.task_ids.len());
+    let mut confirms = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for (i, (message, id)) in messages.zip(&receipt.task_ids).enumerate() {
+        let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        submitted.insert(id.clone(), chrono::Utc::now().timestamp_micros());
+        let publisher = publisher.clone();
+        confirms.spawn(async move { publisher.publish(message).await });
+    }
+    while let Some(confirmed) = confirms.join_next().await {
+        confirmed??;
+    }
+    services.complete(&receipt.batch, tasks).await?;
+    let _ = connection.close(200, "done".into()).await;
+    let store = services.stop()?;
+    let ms = latencies(&store, &receipt.batch, Some(&submitted))?;
+    anyhow::ensure!(ms.len() as u64 == tasks, "latency for every task");
+    println!(
+        "fleet-bench paced rate={rate} tasks={tasks} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        quantile(&ms, 0.50),
+        quantile(&ms, 0.90),
+        quantile(&ms, 0.99),
+        quantile(&ms, 1.0),
+    );
+    Ok(())
+}
+
+/// The worker model: compute tasks with 1 and 2 workers, I/O tasks from one consumer, and the
+/// compute tasks again while the I/O ones run.
+async fn workers(vhost: &Vhost, below: u64, compute_tasks: u64, sleeps: u64) -> anyhow::Result<()> {
+    let primes: String = (0..compute_tasks)
+        .map(|_| format!("{{\"below\":{below}}}\n"))
+        .collect();
+    let sleep: String = (0..sleeps).map(|_| "{\"ms\":100}\n").collect();
+    let mut compute_tps = Vec::new();
+    for workers in ["1", "2"] {
+        let services =
+            Services::start(vhost, &[("FLEET_CONSUMER__WORKERS", workers)], None).await?;
+        // One task first: the consumer's slow start is over before the clock starts.
+        let (warm, _, _) = services
+            .submit("primes", &format!("{{\"below\":{below}}}\n"))
+            .await?;
+        services.complete(&warm, 1).await?;
+        let started = Instant::now();
+        let (batch, _, _) = services.submit("primes", &primes).await?;
+        services.complete(&batch, compute_tasks).await?;
+        let tps = rate(compute_tasks, started.elapsed());
+        let store = services.stop()?;
+        let ran = store
+            .results(&batch, 0, 1)?
+            .first()
+            .and_then(|body| fleet_producer::collector::store::parse(body))
+            .map_or(0, |r| (r.finished_at - r.started_at).num_milliseconds());
+        println!("workers={workers} primes below={below} ({ran} ms each): {tps:.1} tasks/s");
+        compute_tps.push(tps);
+    }
+    let services = Services::start(vhost, &[], None).await?;
+    let (warm, _, _) = services.submit("sleep", "{\"ms\":1}\n").await?;
+    services.complete(&warm, 1).await?;
+    let started = Instant::now();
+    let (batch, _, _) = services.submit("sleep", &sleep).await?;
+    services.complete(&batch, sleeps).await?;
+    let io_tps = rate(sleeps, started.elapsed());
+    println!("sleep 100 ms x {sleeps}, one consumer: {io_tps:.0} tasks/s");
+    // Both at once: the compute batch goes in right after the I/O one.
+    let started = Instant::now();
+    let (io_batch, _, _) = services.submit("sleep", &sleep).await?;
+    let (compute_batch, _, _) = services.submit("primes", &primes).await?;
+    services.complete(&compute_batch, compute_tasks).await?;
+    let mixed_tps = rate(compute_tasks, started.elapsed());
+    services.complete(&io_batch, sleeps).await?;
+    let mixed_io_tps = rate(sleeps, started.elapsed());
+    services.stop()?;
+    println!(
+        "fleet-bench workers compute_tps_1={:.1} compute_tps_2={:.1} speedup={:.2} io_tps={io_tps:.0} compute_tps_beside_io={mixed_tps:.1} io_tps_beside_compute={mixed_io_tps:.0}",
+        compute_tps[0],
+        compute_tps[1],
+        compute_tps[1] / compute_tps[0],
+    );
+    Ok(())
 }

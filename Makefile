@@ -17,9 +17,12 @@ run:             ## the compose topology as local processes: collector, API, CON
 demo:            ## the seed's task_master.py against a running fleet
 	cargo run --release -q --bin fleet-producer -- demo
 
-bench:           ## fleet-bench against the local broker
+bench:           ## the issue 7 figures of docs/BENCHMARKS.md against the local broker
 	cargo build --release -q --workspace --bins
-	target/release/fleet-bench --tasks 20000
+	target/release/fleet-bench --tasks 50000
+	target/release/fleet-bench --tasks 50000 --work-queues 2
+	target/release/fleet-bench --paced 1000 --seconds 10
+	target/release/fleet-bench --workers --below 10000000
 
 SOAK ?= 5m
 soak:            ## steady load for SOAK with consumers killed and connections cut at random

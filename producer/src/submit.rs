@@ -21,10 +21,11 @@ pub struct Receipt {
     pub task_ids: Vec<String>,
 }
 
-/// Reads JSON lines, one payload per line (`-` is stdin); blank lines are skipped.
+/// Reads JSON lines, one payload per line (`-` is stdin); blank lines are skipped. Each line
+/// is checked and kept as text (a parsed value takes several times the memory).
 ///
 /// Fails with a [`UsageError`] naming the line of the first payload that is not JSON.
-pub fn read_payloads(path: &Path) -> anyhow::Result<Vec<Value>> {
+pub fn read_payloads(path: &Path) -> anyhow::Result<Vec<String>> {
     let reader: Box<dyn BufRead> = if path == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {
@@ -38,9 +39,9 @@ pub fn read_payloads(path: &Path) -> anyhow::Result<Vec<Value>> {
         if line.trim().is_empty() {
             continue;
         }
-        let payload = fleet_shared::envelope::decode_json(line.as_bytes())
+        fleet_shared::envelope::decode_json::<serde::de::IgnoredAny>(line.as_bytes())
             .map_err(|e| UsageError(format!("{} line {}: not JSON: {e}", path.display(), i + 1)))?;
-        payloads.push(payload);
+        payloads.push(line);
     }
     Ok(payloads)
 }
@@ -64,29 +65,37 @@ pub fn batch(kind: &str, payloads: Vec<Value>) -> Batch {
 
 /// As [`batch`], every task carrying `trace` as its `traceparent` header.
 pub fn batch_in(kind: &str, payloads: Vec<Value>, trace: &TraceParent) -> Batch {
-    let batch = uuid::Uuid::now_v7().to_string();
-    let total = u64::try_from(payloads.len()).unwrap_or(u64::MAX);
-    let mut messages = Vec::with_capacity(payloads.len() + 1);
-    messages.push(Outgoing::manifest(&BatchManifest::new(
-        batch.clone(),
-        total,
-        kind.to_owned(),
-    )));
-    let mut task_ids = Vec::with_capacity(payloads.len());
-    for payload in payloads {
-        let task = Task::new(
-            uuid::Uuid::now_v7().to_string(),
-            kind.to_owned(),
-            Some(batch.clone()),
-            payload,
-        );
-        messages.push(Outgoing::task(&task).traced(trace));
-        task_ids.push(task.id);
-    }
+    let (batch, messages) = lazy_batch(kind, payloads.into_iter(), trace);
+    let messages: Vec<Outgoing> = messages.collect();
+    let task_ids = messages
+        .iter()
+        .skip(1)
+        .filter_map(|m| m.properties.message_id().as_ref().map(|id| id.to_string()))
+        .collect();
     Batch {
         receipt: Receipt { batch, task_ids },
         messages,
     }
+}
+
+/// The batch id and its messages (the manifest, then the tasks) for `payloads`, each message
+/// built only when the iterator reaches it, so a large batch is never held as messages all at
+/// once (they are several times larger than the payloads).
+pub fn lazy_batch(
+    kind: &str,
+    payloads: impl ExactSizeIterator<Item = Value>,
+    trace: &TraceParent,
+) -> (String, impl Iterator<Item = Outgoing>) {
+    let batch = uuid::Uuid::now_v7().to_string();
+    let total = u64::try_from(payloads.len()).unwrap_or(u64::MAX);
+    let manifest = Outgoing::manifest(&BatchManifest::new(batch.clone(), total, kind.to_owned()));
+    let (kind, trace, of_batch) = (kind.to_owned(), *trace, batch.clone());
+    let tasks = payloads.map(move |payload| {
+        let id = uuid::Uuid::now_v7().to_string();
+        let task = Task::new(id, kind.clone(), Some(of_batch.clone()), payload);
+        Outgoing::task(&task).traced(&trace)
+    });
+    (batch, std::iter::once(manifest).chain(tasks))
 }
 
 /// Publishes `payloads` as one batch of `kind` on one channel and returns when every message is
@@ -105,27 +114,45 @@ pub async fn publish_batch(
     Ok(receipt)
 }
 
+/// Messages built and published at a time by [`publish_reliably`].
+const CHUNK: usize = 4_096;
+
 /// Publishes `messages` through connection losses: connects as `name`, publishes, and when the
 /// connection or channel fails, connects again with backoff and sends every message whose
 /// confirm did not arrive again, with the same task ids. A message that was in fact enqueued
-/// before the loss is then delivered twice, and the collector counts the duplicate.
+/// before the loss is then delivered twice, and the collector counts the duplicate. Messages
+/// are taken from the iterator a few thousand at a time, so memory does not grow with the batch.
 ///
 /// Fails on refused credentials, on a nack or return (another attempt would repeat it), and
 /// when the broker stays unreachable for `amqp.reconnect_timeout_secs`.
 pub async fn publish_reliably(
     settings: &Settings,
     name: &str,
-    mut messages: Vec<Outgoing>,
+    messages: impl IntoIterator<Item = Outgoing>,
 ) -> anyhow::Result<()> {
     use backon::BackoffBuilder as _;
+    let mut messages = messages.into_iter();
+    // Taken from the iterator and not confirmed yet.
+    let mut pending: Vec<Outgoing> = Vec::new();
     let mut waits = amqp::backoff(settings).build();
     loop {
         let error = match connect_publisher(settings, name).await {
             Ok((connection, publisher)) => {
-                let outcome = publisher.publish_all(messages).await;
+                let outcome = loop {
+                    if pending.is_empty() {
+                        pending.extend(messages.by_ref().take(CHUNK));
+                    }
+                    if pending.is_empty() {
+                        break Ok(());
+                    }
+                    match publisher.publish_all(std::mem::take(&mut pending)).await {
+                        Ok(_) => waits = amqp::backoff(settings).build(),
+                        Err(unconfirmed) => break Err(unconfirmed),
+                    }
+                };
                 let _ = connection.close(200, "published".into()).await;
                 match outcome {
-                    Ok(_) => return Ok(()),
+                    Ok(()) => return Ok(()),
                     Err(unconfirmed) if unconfirmed.is_connection_loss() => {
                         tracing::warn!(
                             unconfirmed = unconfirmed.messages.len(),
@@ -133,7 +160,7 @@ pub async fn publish_reliably(
                             error = %unconfirmed.error,
                             "lost the broker while publishing; sending the unconfirmed again"
                         );
-                        messages = unconfirmed.messages;
+                        pending = unconfirmed.messages;
                         if unconfirmed.confirmed > 0 {
                             waits = amqp::backoff(settings).build();
                         }
@@ -208,21 +235,26 @@ pub async fn run(
         .ok()
         .and_then(|t| TraceParent::parse(&t));
     let trace = TraceParent::continue_in(&span, incoming);
-    let Batch { receipt, messages } = batch_in(&submission.kind, payloads, &trace);
+    let tasks = payloads.len();
+    // Each line was checked when read; parsed again only as its task is built.
+    let values = payloads
+        .into_iter()
+        .map(|line| fleet_shared::envelope::decode_json(line.as_bytes()).unwrap_or(Value::Null));
+    let (batch, messages) = lazy_batch(&submission.kind, values, &trace);
     publish_reliably(&settings, "fleet-producer-submit", messages)
         .instrument(span)
         .await
         .context("publishing the batch")?;
-    tracing::info!(batch = %receipt.batch, trace_id = %trace.trace_id(), tasks = receipt.task_ids.len(), "batch published");
-    println!("{}", receipt.batch);
+    tracing::info!(%batch, trace_id = %trace.trace_id(), tasks, "batch published");
+    println!("{batch}");
     if !(submission.wait || submission.output.is_some()) {
         return Ok(());
     }
     let client = crate::client::CollectorClient::new(&submission.collector);
-    let total = u64::try_from(receipt.task_ids.len()).unwrap_or(u64::MAX);
-    let status = crate::progress::follow(&client, &receipt.batch, Some(total), &shutdown).await?;
+    let total = u64::try_from(tasks).unwrap_or(u64::MAX);
+    let status = crate::progress::follow(&client, &batch, Some(total), &shutdown).await?;
     if let Some(path) = &submission.output {
-        let results = client.results(&receipt.batch).await?;
+        let results = client.results(&batch).await?;
         let mut text = String::new();
         for result in &results {
             text.push_str(

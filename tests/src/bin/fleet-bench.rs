@@ -74,7 +74,7 @@ struct Args {
     workers: bool,
     /// With --workers: `primes` below this (about 10 ms of CPU each on the machine of
     /// docs/BENCHMARKS.md).
-    #[arg(long, default_value_t = 2_000_000)]
+    #[arg(long, default_value_t = 20_000_000)]
     below: u64,
 }
 
@@ -731,17 +731,37 @@ async fn workers(vhost: &Vhost, below: u64, compute_tasks: u64, sleeps: u64) -> 
             .submit("primes", &format!("{{\"below\":{below}}}\n"))
             .await?;
         services.complete(&warm, 1).await?;
+        let broker = broker_pid();
+        let broker_before = broker.map_or(f64::NAN, pid_cpu_us);
         let started = Instant::now();
         let (batch, _, _) = services.submit("primes", &primes).await?;
         services.complete(&batch, compute_tasks).await?;
-        let tps = rate(compute_tasks, started.elapsed());
+        let elapsed = started.elapsed();
+        let tps = rate(compute_tasks, elapsed);
+        // Cores the broker kept busy meanwhile: it shares this machine's cores.
+        let broker_cores =
+            (broker.map_or(f64::NAN, pid_cpu_us) - broker_before) / 1e6 / elapsed.as_secs_f64();
         let store = services.stop()?;
-        let ran = store
-            .results(&batch, 0, 1)?
-            .first()
-            .and_then(|body| fleet_producer::collector::store::parse(body))
-            .map_or(0, |r| (r.finished_at - r.started_at).num_milliseconds());
-        println!("workers={workers} primes below={below} ({ran} ms each): {tps:.1} tasks/s");
+        let results: Vec<_> = store
+            .results(&batch, 0, compute_tasks)?
+            .iter()
+            .filter_map(|body| fleet_producer::collector::store::parse(body))
+            .collect();
+        let ran_ms = results
+            .iter()
+            .map(|r| {
+                (r.finished_at - r.started_at)
+                    .num_microseconds()
+                    .unwrap_or(0) as f64
+                    / 1e3
+            })
+            .sum::<f64>()
+            / results.len().max(1) as f64;
+        let slots: std::collections::BTreeSet<&str> =
+            results.iter().map(|r| r.worker.as_str()).collect();
+        println!(
+            "workers={workers} primes below={below} ({ran_ms:.1} ms each on average, slots {slots:?}): {tps:.1} tasks/s; broker busy {broker_cores:.2} cores"
+        );
         compute_tps.push(tps);
     }
     let services = Services::start(vhost, &[], None).await?;
@@ -752,14 +772,25 @@ async fn workers(vhost: &Vhost, below: u64, compute_tasks: u64, sleeps: u64) -> 
     services.complete(&batch, sleeps).await?;
     let io_tps = rate(sleeps, started.elapsed());
     println!("sleep 100 ms x {sleeps}, one consumer: {io_tps:.0} tasks/s");
-    // Both at once: the compute batch goes in right after the I/O one.
+    // Both at once, published side by side (two submits), so the queue interleaves them.
     let started = Instant::now();
-    let (io_batch, _, _) = services.submit("sleep", &sleep).await?;
-    let (compute_batch, _, _) = services.submit("primes", &primes).await?;
-    services.complete(&compute_batch, compute_tasks).await?;
-    let mixed_tps = rate(compute_tasks, started.elapsed());
-    services.complete(&io_batch, sleeps).await?;
-    let mixed_io_tps = rate(sleeps, started.elapsed());
+    let (io, compute) = tokio::join!(
+        services.submit("sleep", &sleep),
+        services.submit("primes", &primes)
+    );
+    let ((io_batch, _, _), (compute_batch, _, _)) = (io?, compute?);
+    let (io_done, compute_done) = tokio::join!(
+        async {
+            services.complete(&io_batch, sleeps).await?;
+            anyhow::Ok(started.elapsed())
+        },
+        async {
+            services.complete(&compute_batch, compute_tasks).await?;
+            anyhow::Ok(started.elapsed())
+        }
+    );
+    let mixed_tps = rate(compute_tasks, compute_done?);
+    let mixed_io_tps = rate(sleeps, io_done?);
     services.stop()?;
     println!(
         "fleet-bench workers compute_tps_1={:.1} compute_tps_2={:.1} speedup={:.2} io_tps={io_tps:.0} compute_tps_beside_io={mixed_tps:.1} io_tps_beside_compute={mixed_io_tps:.0}",

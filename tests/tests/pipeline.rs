@@ -6,7 +6,7 @@ use fleet_producer::submit;
 use fleet_shared::envelope::{self, Status, Task, TaskResult};
 use fleet_shared::publisher::Outgoing;
 use fleet_shared::topology;
-use fleet_tests::{Service, Vhost, complete, drain_dead, eventually};
+use fleet_tests::{Service, Vhost, complete, drain_dead, eventually, ready};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -71,28 +71,6 @@ async fn ten_thousand_squares_through_two_consumers_are_stored_exactly_once() {
         consumer.stop().await.expect("consumer drains cleanly");
     }
     collector.stop().await.expect("collector drains cleanly");
-}
-
-/// Messages ready in `queue`, from a passive declare.
-async fn ready(settings: &fleet_shared::settings::Settings, queue: &str) -> u32 {
-    let connection = fleet_shared::amqp::connect(settings, "test-count")
-        .await
-        .expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
-    let count = channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .expect("queue exists")
-        .message_count();
-    let _ = connection.close(200, "counted".into()).await;
-    count
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -115,7 +115,7 @@ pub async fn publish_batch(
 }
 
 /// Messages built and published at a time by [`publish_reliably`].
-const CHUNK: usize = 4_096;
+const CHUNK: usize = 2_048;
 
 /// Publishes `messages` through connection losses: connects as `name`, publishes, and when the
 /// connection or channel fails, connects again with backoff and sends every message whose

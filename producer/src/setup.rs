@@ -22,10 +22,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let _ = connection.close(200, "set up".into()).await;
     println!(
         "topology declared: exchanges {}, {}, {}, {}, {}, {}; queues {}, {}, {} and {} delay queues",
-        (0..settings.topology.work_queues)
-            .map(topology::tasks_exchange)
-            .collect::<Vec<_>>()
-            .join(", "),
+        topology::tasks_exchanges(&settings).join(", "),
         topology::RETRY_EXCHANGE,
         topology::DEAD_EXCHANGE,
         topology::RESULTS_EXCHANGE,

@@ -63,6 +63,13 @@ pub fn work_queue(shard: usize) -> String {
     }
 }
 
+/// The exchanges tasks are published to, one per work queue, [`TASKS_EXCHANGE`] first.
+pub fn tasks_exchanges(settings: &Settings) -> Vec<String> {
+    (0..settings.topology.work_queues)
+        .map(tasks_exchange)
+        .collect()
+}
+
 /// The work queues of `settings` (`topology.work_queues` of them).
 pub fn work_queues(settings: &Settings) -> Vec<String> {
     (0..settings.topology.work_queues).map(work_queue).collect()
@@ -124,10 +131,10 @@ pub async fn declare(channel: &Channel, all: &Settings) -> lapin::Result<()> {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    for shard in 0..settings.work_queues {
+    for name in tasks_exchanges(all) {
         channel
             .exchange_declare(
-                tasks_exchange(shard).as_str().into(),
+                name.as_str().into(),
                 ExchangeKind::Topic,
                 exchange,
                 FieldTable::default(),
@@ -325,26 +332,19 @@ async fn check(channel: &Channel, settings: &Settings) -> lapin::Result<()> {
         passive: true,
         ..ExchangeDeclareOptions::default()
     };
-    for (name, kind) in [
-        (TASKS_EXCHANGE, ExchangeKind::Topic),
+    let tasks = tasks_exchanges(settings);
+    let tasks = tasks
+        .iter()
+        .map(|name| (name.as_str(), ExchangeKind::Topic));
+    for (name, kind) in tasks.chain([
         (DEAD_EXCHANGE, ExchangeKind::Fanout),
         (RETRY_EXCHANGE, ExchangeKind::Headers),
         (RESULTS_EXCHANGE, ExchangeKind::Fanout),
         (BATCHES_EXCHANGE, ExchangeKind::Fanout),
         (STATUS_EXCHANGE, ExchangeKind::Fanout),
-    ] {
+    ]) {
         channel
             .exchange_declare(name.into(), kind, passive_exchange, FieldTable::default())
-            .await?;
-    }
-    for shard in 1..settings.topology.work_queues {
-        channel
-            .exchange_declare(
-                tasks_exchange(shard).as_str().into(),
-                ExchangeKind::Topic,
-                passive_exchange,
-                FieldTable::default(),
-            )
             .await?;
     }
     let passive_queue = QueueDeclareOptions {

@@ -172,17 +172,26 @@ impl Process {
 
     /// Resident set size in KiB, from /proc (0 if it has exited).
     pub fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next())
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0)
+        status_kib(&self.pid().to_string(), "VmRSS")
     }
+}
+
+/// A KiB field (`VmRSS`, `VmHWM`, ...) of `/proc/<pid>/status`, `pid` a number or `self`; 0 when
+/// the process is gone.
+pub fn status_kib(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                line.strip_prefix(field)?
+                    .strip_prefix(':')?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+        })
+        .unwrap_or(0)
 }
 
 impl Drop for Process {

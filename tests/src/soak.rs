@@ -49,14 +49,7 @@ pub struct Report {
 }
 
 fn own_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-        })
-        .unwrap_or(0)
+    crate::process::status_kib("self", "VmRSS")
 }
 
 /// Runs the plan on a fresh vhost of the local broker.

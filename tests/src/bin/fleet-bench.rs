@@ -411,16 +411,7 @@ fn pid_cpu_us(pid: u32) -> f64 {
 
 /// Peak resident memory (VmHWM) of `pid`, in KiB.
 fn peak_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    fleet_tests::process::status_kib(&pid.to_string(), "VmHWM")
 }
 
 /// The broker's OS process, to count its CPU beside ours.

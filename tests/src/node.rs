@@ -39,7 +39,8 @@ fn chown_rabbitmq(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 impl Node {
-    /// Creates the node's directory and starts it; returns when its AMQP port answers.
+    /// Creates the node's directory and starts it; returns when its AMQP port answers and its
+    /// boot, every listener included, is done.
     ///
     /// # Panics
     /// When the node does not answer within 60 seconds (its log directory is kept then).
@@ -146,6 +147,10 @@ impl Node {
                 self.dir.join("log").display()
             );
             std::thread::sleep(Duration::from_millis(100));
+        }
+        // The AMQP port opens before the rest of the boot (a TLS listener, plugins) is done.
+        if let Err(e) = self.ctl(&["await_startup", "--timeout", "60"]) {
+            panic!("node {} did not finish starting: {e:#}", self.name);
         }
     }
 

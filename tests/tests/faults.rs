@@ -120,9 +120,11 @@ async fn kill_9_of_one_of_two_consumers_loses_nothing() {
     ]);
     let settings = settings_of(&env);
     let collector = Service::collector(&settings);
+    // The whole batch is queued before the consumers start, so the kill below comes a few
+    // hundred tasks in, however fast the publish or the consumers are.
+    let receipt = squares(&settings, 12_000).await;
     let victim = Process::spawn("fleet-consumer", &[], &env);
     let other = Process::spawn("fleet-consumer", &[], &env);
-    let receipt = squares(&settings, 12_000).await;
     let client = CollectorClient::new(&settings.producer.collector_url);
 
     // Kill as soon as work is under way. Tasks still in the queue after the kill were
@@ -139,7 +141,10 @@ async fn kill_9_of_one_of_two_consumers_loses_nothing() {
 
     let status = complete(&client, &receipt.batch, Duration::from_secs(240)).await;
     assert_every_square_once(&client, &receipt, &status).await;
-    eprintln!("kill -9 of a consumer: duplicates={}", status.duplicates);
+    eprintln!(
+        "kill -9 of a consumer: {waiting} queued after it, duplicates={}",
+        status.duplicates
+    );
 
     for consumer in [other, restarted] {
         assert!(consumer.terminate(Duration::from_secs(30)).success());

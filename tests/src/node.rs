@@ -18,6 +18,8 @@ pub struct Node {
     on: Option<Host>,
     dir: PathBuf,
     dist_port: u16,
+    /// Extra Erlang VM flags (`RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS`).
+    erl_args: String,
     child: Option<Child>,
 }
 
@@ -58,7 +60,15 @@ impl Node {
         plugins: &[&str],
         configure: impl FnOnce(&std::path::Path, u16) -> String,
     ) -> Self {
-        Self::start_at(None, plugins, configure)
+        Self::start_at(None, plugins, "", configure)
+    }
+
+    /// As [`Node::start`], with these Erlang VM flags added (e.g. `+sbwt none`).
+    ///
+    /// # Panics
+    /// As [`Node::start`].
+    pub fn start_with_erl_args(erl_args: &str) -> Self {
+        Self::start_at(None, &[], erl_args, |_, _| String::new())
     }
 
     /// As [`Node::start_with`], on `host`: listening on the host's address, port 5672, and
@@ -67,12 +77,13 @@ impl Node {
     /// # Panics
     /// As [`Node::start`].
     pub fn start_on(host: &Host, configure: impl FnOnce(&std::path::Path, u16) -> String) -> Self {
-        Self::start_at(Some(host.clone()), &[], configure)
+        Self::start_at(Some(host.clone()), &[], "", configure)
     }
 
     fn start_at(
         on: Option<Host>,
         plugins: &[&str],
+        erl_args: &str,
         configure: impl FnOnce(&std::path::Path, u16) -> String,
     ) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -107,6 +118,7 @@ impl Node {
             on,
             dir,
             dist_port,
+            erl_args: erl_args.to_owned(),
             child: None,
         };
         node.boot();
@@ -114,8 +126,11 @@ impl Node {
     }
 
     fn boot(&mut self) {
-        let child = self
-            .command("rabbitmq-server")
+        let mut command = self.command("rabbitmq-server");
+        if !self.erl_args.is_empty() {
+            command.env("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", &self.erl_args);
+        }
+        let child = command
             .env("RABBITMQ_NODENAME", &self.name)
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())

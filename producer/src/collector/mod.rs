@@ -227,6 +227,8 @@ async fn collect(
             // (none by default: under load, results gather while the previous group commits).
             let next = match subscription.deliveries.next().now_or_never() {
                 Some(next) => next,
+                // A zero-length sleep still waits for the timer's next 1 ms tick.
+                None if flush_every.is_zero() => break,
                 None => tokio::select! {
                     () = &mut deadline => break,
                     next = subscription.deliveries.next() => next,

@@ -76,10 +76,20 @@ struct Args {
     /// docs/BENCHMARKS.md).
     #[arg(long, default_value_t = 20_000_000)]
     below: u64,
+    /// Run against a RabbitMQ node of the bench's own, started with these Erlang VM flags
+    /// (e.g. `"+sbwt none +sbwtdcpu none +sbwtdio none"`), instead of the local broker.
+    #[arg(long, value_name = "ERL_ARGS")]
+    own_broker: Option<String>,
+    /// With --workers: rounds of 1 and then 2 workers (600 compute tasks each).
+    #[arg(long, default_value_t = 3, requires = "workers")]
+    rounds: u64,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(erl_args) = &args.own_broker {
+        return on_own_broker(erl_args);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -97,9 +107,38 @@ fn main() -> anyhow::Result<()> {
         return runtime.block_on(paced(&Vhost::new(), rate, args.seconds, &extra));
     }
     if args.workers {
-        return runtime.block_on(workers(&Vhost::new(), args.below, 200, 6_000));
+        return runtime.block_on(workers(&Vhost::new(), args.below, 600, args.rounds, 6_000));
     }
     runtime.block_on(bench(args))
+}
+
+/// Starts a private node and runs this bench again against it (the same arguments but
+/// `--own-broker`): the tests' helpers find the broker through `FLEET_TEST_AMQP_HOST`, and
+/// rabbitmqctl through `RABBITMQ_NODENAME`.
+fn on_own_broker(erl_args: &str) -> anyhow::Result<()> {
+    let node = fleet_tests::node::Node::start_with_erl_args(erl_args);
+    println!(
+        "own broker {} with `{erl_args}` on {}",
+        node.name,
+        node.host()
+    );
+    let mut skip_value = false;
+    let rest: Vec<_> = std::env::args_os()
+        .skip(1)
+        .filter(|arg| {
+            let own = arg.to_string_lossy();
+            let keep = !skip_value && own != "--own-broker" && !own.starts_with("--own-broker=");
+            skip_value = own == "--own-broker";
+            keep
+        })
+        .collect();
+    let status = Command::new(std::env::current_exe()?)
+        .args(rest)
+        .env("FLEET_TEST_AMQP_HOST", node.host())
+        .env("RABBITMQ_NODENAME", &node.name)
+        .status()?;
+    anyhow::ensure!(status.success(), "the bench failed: {status}");
+    Ok(())
 }
 
 async fn soak(plan: fleet_tests::soak::Plan) -> anyhow::Result<()> {
@@ -365,14 +404,17 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 /// A service binary, under `strace -f -c` when `strace` names an output file.
 fn command(name: &str, strace: Option<&Path>) -> anyhow::Result<Command> {
     let binary = sibling(name)?;
-    Ok(match strace {
+    let mut command = match strace {
         None => Command::new(binary),
         Some(out) => {
             let mut command = Command::new("strace");
             command.args(["-f", "-c", "-o"]).arg(out).arg(binary);
             command
         }
-    })
+    };
+    // The services take every FLEET_* variable as a setting, and this one is the bench's.
+    command.env_remove("FLEET_TEST_AMQP_HOST");
+    Ok(command)
 }
 
 fn clock_ticks() -> f64 {
@@ -615,6 +657,40 @@ fn latencies(
     Ok(ms)
 }
 
+/// Each task's latency in three legs, sorted, in ms: submit to the consumer's start, the run,
+/// and the consumer's finish to the collector's commit.
+fn legs(
+    store: &Store,
+    batch: &str,
+    submitted: &std::collections::HashMap<String, i64>,
+) -> anyhow::Result<[Vec<f64>; 3]> {
+    let stored: std::collections::HashMap<String, i64> =
+        store.stored_times(batch)?.into_iter().collect();
+    let mut legs: [Vec<f64>; 3] = Default::default();
+    for body in store.results(batch, 0, u64::MAX >> 1)? {
+        let result = fleet_producer::collector::store::parse(&body).context("a stored result")?;
+        let (Some(&submit), Some(&stored)) =
+            (submitted.get(&result.task_id), stored.get(&result.task_id))
+        else {
+            bail!("task {} has no submit or stored time", result.task_id);
+        };
+        let (started, finished) = (
+            result.started_at.timestamp_micros(),
+            result.finished_at.timestamp_micros(),
+        );
+        for (leg, us) in
+            legs.iter_mut()
+                .zip([started - submit, finished - started, stored - finished])
+        {
+            leg.push(us as f64 / 1000.0);
+        }
+    }
+    for leg in &mut legs {
+        leg.sort_by(f64::total_cmp);
+    }
+    Ok(legs)
+}
+
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted
         .get(((sorted.len().saturating_sub(1)) as f64 * q).round() as usize)
@@ -696,6 +772,16 @@ async fn paced(
     let store = services.stop()?;
     let ms = latencies(&store, &receipt.batch, Some(&submitted))?;
     anyhow::ensure!(ms.len() as u64 == tasks, "latency for every task");
+    let [to_start, run, to_store] = legs(&store, &receipt.batch, &submitted)?;
+    println!(
+        "legs p50/p99 ms: submit to started {:.2}/{:.2}, run {:.2}/{:.2}, finished to stored {:.2}/{:.2}",
+        quantile(&to_start, 0.5),
+        quantile(&to_start, 0.99),
+        quantile(&run, 0.5),
+        quantile(&run, 0.99),
+        quantile(&to_store, 0.5),
+        quantile(&to_store, 0.99),
+    );
     println!(
         "fleet-bench paced rate={rate} tasks={tasks} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2}",
         quantile(&ms, 0.50),
@@ -708,53 +794,27 @@ async fn paced(
 
 /// The worker model: compute tasks with 1 and 2 workers, I/O tasks from one consumer, and the
 /// compute tasks again while the I/O ones run.
-async fn workers(vhost: &Vhost, below: u64, compute_tasks: u64, sleeps: u64) -> anyhow::Result<()> {
+async fn workers(
+    vhost: &Vhost,
+    below: u64,
+    compute_tasks: u64,
+    rounds: u64,
+    sleeps: u64,
+) -> anyhow::Result<()> {
     let primes: String = (0..compute_tasks)
         .map(|_| format!("{{\"below\":{below}}}\n"))
         .collect();
     let sleep: String = (0..sleeps).map(|_| "{\"ms\":100}\n").collect();
-    let mut compute_tps = Vec::new();
-    for workers in ["1", "2"] {
-        let services =
-            Services::start(vhost, &[("FLEET_CONSUMER__WORKERS", workers)], None).await?;
-        // One task first: the consumer's slow start is over before the clock starts.
-        let (warm, _, _) = services
-            .submit("primes", &format!("{{\"below\":{below}}}\n"))
-            .await?;
-        services.complete(&warm, 1).await?;
-        let broker = broker_pid();
-        let broker_before = broker.map_or(f64::NAN, pid_cpu_us);
-        let started = Instant::now();
-        let (batch, _, _) = services.submit("primes", &primes).await?;
-        services.complete(&batch, compute_tasks).await?;
-        let elapsed = started.elapsed();
-        let tps = rate(compute_tasks, elapsed);
-        // Cores the broker kept busy meanwhile: it shares this machine's cores.
-        let broker_cores =
-            (broker.map_or(f64::NAN, pid_cpu_us) - broker_before) / 1e6 / elapsed.as_secs_f64();
-        let store = services.stop()?;
-        let results: Vec<_> = store
-            .results(&batch, 0, compute_tasks)?
-            .iter()
-            .filter_map(|body| fleet_producer::collector::store::parse(body))
-            .collect();
-        let ran_ms = results
-            .iter()
-            .map(|r| {
-                (r.finished_at - r.started_at)
-                    .num_microseconds()
-                    .unwrap_or(0) as f64
-                    / 1e3
-            })
-            .sum::<f64>()
-            / results.len().max(1) as f64;
-        let slots: std::collections::BTreeSet<&str> =
-            results.iter().map(|r| r.worker.as_str()).collect();
-        println!(
-            "workers={workers} primes below={below} ({ran_ms:.1} ms each on average, slots {slots:?}): {tps:.1} tasks/s; broker busy {broker_cores:.2} cores"
-        );
-        compute_tps.push(tps);
+    // Rounds of 1 then 2 workers, so that a drift in this machine's speed (it shares its
+    // host) falls on both alike; each figure is all its rounds' tasks over all their time.
+    let mut busy = [Duration::ZERO; 2];
+    for round in 1..=rounds {
+        for (i, workers) in ["1", "2"].into_iter().enumerate() {
+            let elapsed = compute_round(vhost, workers, below, compute_tasks, round).await?;
+            busy[i] += elapsed;
+        }
     }
+    let compute_tps = busy.map(|elapsed| rate(compute_tasks * rounds, elapsed));
     let services = Services::start(vhost, &[], None).await?;
     let (warm, _, _) = services.submit("sleep", "{\"ms\":1}\n").await?;
     services.complete(&warm, 1).await?;
@@ -790,4 +850,56 @@ async fn workers(vhost: &Vhost, below: u64, compute_tasks: u64, sleeps: u64) -> 
         compute_tps[1] / compute_tps[0],
     );
     Ok(())
+}
+
+/// One round of the worker model's compute half: `tasks` primes with `workers` workers, after
+/// a warm-up task. Returns the time the batch took.
+async fn compute_round(
+    vhost: &Vhost,
+    workers: &str,
+    below: u64,
+    tasks: u64,
+    round: u64,
+) -> anyhow::Result<Duration> {
+    let primes: String = (0..tasks)
+        .map(|_| format!("{{\"below\":{below}}}\n"))
+        .collect();
+    let services = Services::start(vhost, &[("FLEET_CONSUMER__WORKERS", workers)], None).await?;
+    // One task first: the consumer's slow start is over before the clock starts.
+    let (warm, _, _) = services
+        .submit("primes", &format!("{{\"below\":{below}}}\n"))
+        .await?;
+    services.complete(&warm, 1).await?;
+    let broker = broker_pid();
+    let broker_before = broker.map_or(f64::NAN, pid_cpu_us);
+    let started = Instant::now();
+    let (batch, _, _) = services.submit("primes", &primes).await?;
+    services.complete(&batch, tasks).await?;
+    let elapsed = started.elapsed();
+    // Cores the broker kept busy meanwhile: it shares this machine's cores.
+    let broker_cores =
+        (broker.map_or(f64::NAN, pid_cpu_us) - broker_before) / 1e6 / elapsed.as_secs_f64();
+    let store = services.stop()?;
+    let results: Vec<_> = store
+        .results(&batch, 0, tasks)?
+        .iter()
+        .filter_map(|body| fleet_producer::collector::store::parse(body))
+        .collect();
+    let ran_ms = results
+        .iter()
+        .map(|r| {
+            (r.finished_at - r.started_at)
+                .num_microseconds()
+                .unwrap_or(0) as f64
+                / 1e3
+        })
+        .sum::<f64>()
+        / results.len().max(1) as f64;
+    let slots: std::collections::BTreeSet<&str> =
+        results.iter().map(|r| r.worker.as_str()).collect();
+    println!(
+        "round {round} workers={workers} primes below={below} ({ran_ms:.1} ms each on average, slots {slots:?}): {:.1} tasks/s; broker busy {broker_cores:.2} cores",
+        rate(tasks, elapsed)
+    );
+    Ok(elapsed)
 }

@@ -10,9 +10,10 @@
 //! timestamp (millisecond precision) to the collector's commit time.
 //!
 //! Other modes (docs/BENCHMARKS.md): `--paced RATE` (latency at a steady rate, submit time
-//! taken to the microsecond), `--workers` (the worker model), `--work-queues K`,
-//! `--strace DIR` (syscalls per task), `--soak` (nothing lost under chaos). Build the binaries
-//! in release mode first (`make bench` does).
+//! taken to the microsecond, and its three legs), `--workers` (the worker model, in rounds),
+//! `--work-queues K`, `--strace DIR` (syscalls per task), `--soak` (nothing lost under chaos),
+//! and `--own-broker ERL_ARGS` (any of these against a private node with those VM flags).
+//! Build the binaries in release mode first (`make bench` does).
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
@@ -658,7 +659,7 @@ fn latencies(
 }
 
 /// Each task's latency in three legs, sorted, in ms: submit to the consumer's start, the run,
-/// and the consumer's finish to the collector's commit.
+/// and the consumer's finish to the collector's store (as it begins the group's transaction).
 fn legs(
     store: &Store,
     batch: &str,

@@ -75,9 +75,11 @@ pub async fn run(
     // Every delivery ever started, for the final drain.
     let in_flight = TaskTracker::new();
     let queues = topology::work_queues(&settings);
-    // Once the first lane is consuming.
+    // Once, when the first lane is consuming.
+    let announced = std::sync::Once::new();
     let announce = || {
-        tracing::info!(
+        announced.call_once(|| {
+            tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             broker = %redact(&settings.amqp.url),
             queues = ?queues,
@@ -87,9 +89,9 @@ pub async fn run(
             kinds = ?kinds,
             %listen,
             "fleet-consumer started"
-        );
+            );
+        });
     };
-    let announced = std::sync::Once::new();
     // One lane per work queue, each with its own connection; the prefetch is shared out.
     let lane_prefetch = settings
         .prefetch()
@@ -103,7 +105,6 @@ pub async fn run(
         shutdown: &shutdown,
         prefetch: lane_prefetch,
         announce: &announce,
-        announced: &announced,
     };
     let lanes = queues.iter().map(|queue| shared.run(queue));
     let subscriptions = match futures_util::future::try_join_all(lanes).await {
@@ -153,9 +154,8 @@ struct Lanes<'a> {
     shutdown: &'a CancellationToken,
     /// This lane's share of the prefetch.
     prefetch: u16,
-    /// The start-up banner, logged once the first lane consumes.
+    /// Logs the start-up banner, the first time it is called.
     announce: &'a (dyn Fn() + Sync),
-    announced: &'a std::sync::Once,
 }
 
 impl Lanes<'_> {
@@ -172,7 +172,6 @@ impl Lanes<'_> {
             shutdown,
             prefetch,
             announce,
-            announced,
         } = *self;
         let mut sessions = 0u64;
         loop {
@@ -182,7 +181,7 @@ impl Lanes<'_> {
             else {
                 return Ok(None);
             };
-            announced.call_once(announce);
+            announce();
             if sessions > 0 {
                 common.reconnects.inc();
                 tracing::info!(

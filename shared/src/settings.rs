@@ -393,12 +393,7 @@ impl Settings {
                 return Err(SettingsError::new(key, "must be at least 1"));
             }
         }
-        let prefetch = self
-            .consumer
-            .workers
-            .saturating_mul(usize::from(self.consumer.prefetch_per_worker))
-            .saturating_add(self.consumer.io_concurrency);
-        if prefetch > usize::from(u16::MAX) {
+        if u16::try_from(self.wanted_prefetch()).is_err() {
             return Err(SettingsError::new(
                 "consumer.prefetch_per_worker",
                 "workers x prefetch_per_worker + io_concurrency must fit in 65535",
@@ -540,9 +535,14 @@ impl Settings {
     /// io_concurrency, so I/O tasks waiting on the network never take the compute slots' share
     /// of the window (validated to fit in u16).
     pub fn prefetch(&self) -> u16 {
-        let n = self.consumer.workers * usize::from(self.consumer.prefetch_per_worker)
-            + self.consumer.io_concurrency;
-        u16::try_from(n).unwrap_or(u16::MAX)
+        u16::try_from(self.wanted_prefetch()).unwrap_or(u16::MAX)
+    }
+
+    fn wanted_prefetch(&self) -> usize {
+        self.consumer
+            .workers
+            .saturating_mul(usize::from(self.consumer.prefetch_per_worker))
+            .saturating_add(self.consumer.io_concurrency)
     }
 
     /// The retry policy of `kind`: its `[consumer.kinds.<kind>]` entry over the defaults.

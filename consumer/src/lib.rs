@@ -6,6 +6,7 @@
 //! - [`handlers`]: the built-in handlers, one file each.
 //! - [`worker`]: one delivery from decode to its confirmed outcome.
 //! - [`acks`]: acks, batched into one multiple ack per group of settled deliveries.
+//! - [`results`]: results, each confirmed before its ack; optionally several in one message.
 //! - [`disposition`]: outcome -> complete, retry or fail (the delivery-semantics table).
 //! - [`pool`]: the compute pool, exactly `workers` threads that sleep when idle.
 //! - [`metrics`]: what `/metrics` on `consumer.listen` shows (with `/healthz` and `/readyz`).
@@ -16,6 +17,7 @@ pub mod handlers;
 pub mod metrics;
 pub mod pool;
 pub mod registry;
+pub mod results;
 pub mod worker;
 
 use acks::Acks;
@@ -27,6 +29,7 @@ use fleet_shared::{amqp, status, topology};
 use futures_util::StreamExt;
 use metrics::Metrics;
 use registry::Registry;
+use results::Results;
 use std::future::IntoFuture as _;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -211,6 +214,11 @@ impl Lanes<'_> {
             let (acks, acker) = Acks::start(subscription.channel.clone());
             let channel = Settle {
                 publisher: subscription.publisher.clone(),
+                results: Results::start(
+                    subscription.publisher.clone(),
+                    settings.consumer.results_per_message,
+                    worker.metrics().clone(),
+                ),
                 acks,
             };
             let session = Session {

@@ -10,6 +10,8 @@
 //!   settling).
 //! - `fleet_worker_slots{work}` and `fleet_worker_slots_busy{work}`: compute and I/O slots, and
 //!   how many are taken.
+//! - `fleet_result_messages_total`: messages sent to `fleet.results`; below the results sent
+//!   (ok and failed tasks) when `consumer.results_per_message` groups them.
 //!
 //! A kind the registry does not know is counted as [`UNKNOWN`], so a stray routing key cannot
 //! grow the number of series. Every series of every known kind exists from the start (at 0), and
@@ -96,6 +98,7 @@ pub struct Metrics {
     /// `fleet_worker_slots_busy{work="compute"}` and `{work="io"}`.
     busy_compute: Gauge,
     busy_io: Gauge,
+    result_messages: Counter,
 }
 
 impl Metrics {
@@ -131,6 +134,12 @@ impl Metrics {
             "fleet_tasks_in_flight",
             "Deliveries being handled now",
             Gauge::default(),
+        );
+        let result_messages = register(
+            registry,
+            "fleet_result_messages",
+            "Messages sent to fleet.results (a group of results counts once)",
+            Counter::default(),
         );
         let slots: Family<WorkLabel, Gauge> = register(
             registry,
@@ -182,6 +191,7 @@ impl Metrics {
             in_flight,
             busy_compute,
             busy_io,
+            result_messages,
         }
     }
 
@@ -212,6 +222,11 @@ impl Metrics {
     /// A handler of `kind` ran for `seconds`.
     pub fn ran(&self, kind: &str, seconds: f64) {
         self.of(kind).duration.observe(seconds);
+    }
+
+    /// A message of results (one or a group) is sent to `fleet.results`.
+    pub fn result_message(&self) {
+        self.result_messages.inc();
     }
 
     /// Counts a delivery in `fleet_tasks_in_flight` until the returned guard drops.

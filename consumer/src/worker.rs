@@ -6,6 +6,7 @@ use crate::disposition::{self, Disposition, Outcome};
 use crate::metrics::{Busy, Metrics, TaskOutcome, UNKNOWN as UNKNOWN_KIND};
 use crate::pool::ComputePool;
 use crate::registry::{HandlerError, Registry, TaskContext, Work};
+use crate::results::Results;
 use chrono::Utc;
 use fleet_shared::envelope::{self, ErrorInfo, Status, TaskResult};
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher, header_str};
@@ -50,8 +51,10 @@ struct Slot {
 /// channel it came on.
 #[derive(Clone)]
 pub struct Settle {
-    /// Results, retries and dead letters.
+    /// Retries and dead letters.
     pub publisher: Publisher,
+    /// Results, alone or grouped.
+    pub results: Results,
     /// Acks, batched.
     pub acks: Acks,
 }
@@ -71,6 +74,9 @@ pub enum SettleError {
     /// A result, retry or dead-letter publish was not confirmed.
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// The session's result publisher ended before confirming (its session is over).
+    #[error("the result publisher of this session stopped")]
+    ResultsStopped,
 }
 
 impl Worker {
@@ -125,7 +131,7 @@ impl Worker {
     async fn handle_in_span(&self, delivery: Delivery, channel: Settle, trace: TraceParent) {
         let _in_flight = self.metrics.handling();
         let tag = delivery.delivery_tag;
-        match self.process(&delivery, &channel.publisher, trace).await {
+        match self.process(&delivery, &channel, trace).await {
             Ok(Settled::Confirmed) => {
                 channel.acks.ack(tag);
                 self.settled.fetch_add(1, Ordering::Relaxed);
@@ -155,9 +161,10 @@ impl Worker {
     async fn process(
         &self,
         delivery: &Delivery,
-        publisher: &Publisher,
+        channel: &Settle,
         trace: TraceParent,
     ) -> Result<Settled, SettleError> {
+        let publisher = &channel.publisher;
         let who = published_by(delivery, self.own_user.as_deref());
         let who = who.as_deref();
         let max = self.settings.consumer.max_message_bytes;
@@ -254,8 +261,6 @@ impl Worker {
             Ok(_) => Outcome::Ok,
             Err(error) => Outcome::Failed(error.clone()),
         };
-        // The result carries the trace, with this hop's span as its parent.
-        let outgoing = |result: &TaskResult| Outgoing::result(result).traced(&trace);
         let result = |status, output, error| TaskResult {
             v: envelope::VERSION,
             task_id: task.id.clone(),
@@ -269,6 +274,7 @@ impl Worker {
             started_at,
             finished_at,
             published_by: who.map(str::to_owned),
+            // The result carries the trace, with this hop's span as its parent.
             traceparent: Some(trace.to_string()),
         };
         match disposition::decide(
@@ -279,8 +285,9 @@ impl Worker {
         ) {
             Disposition::Complete => {
                 let output = output.ok();
-                publisher
-                    .publish(outgoing(&result(Status::Ok, output, None)))
+                channel
+                    .results
+                    .publish(result(Status::Ok, output, None))
                     .await?;
                 self.metrics.ended(kind, TaskOutcome::Ok);
                 Ok(Settled::Confirmed)
@@ -320,8 +327,9 @@ impl Worker {
                     .as_ref()
                     .map_or_else(String::new, |e| format!("{}: {}", e.kind, e.message));
                 tracing::warn!(task_id = %task.id, kind = %task.kind, attempts = attempt + 1, %reason, "task failed");
-                publisher
-                    .publish(outgoing(&result(Status::Failed, None, error)))
+                channel
+                    .results
+                    .publish(result(Status::Failed, None, error))
                     .await?;
                 dead_letter(publisher, delivery, &reason, attempt + 1, who).await?;
                 self.metrics.ended(kind, TaskOutcome::Failed);
@@ -329,6 +337,11 @@ impl Worker {
                 Ok(Settled::Confirmed)
             }
         }
+    }
+
+    /// The consumer's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Deliveries settled (acked or returned) so far.

@@ -89,8 +89,8 @@ impl CollectorClient {
             .filter(|line| !line.is_empty())
             .map(|line| match envelope::decode_result(line) {
                 Ok(ResultMessage::Result(result)) => Ok(result),
-                Ok(ResultMessage::Manifest(_)) => {
-                    anyhow::bail!("the collector sent a manifest as a result")
+                Ok(ResultMessage::Manifest(_) | ResultMessage::Results(_)) => {
+                    anyhow::bail!("the collector sent a manifest or a group as a result")
                 }
                 Err(e) => Err(anyhow::Error::new(e).context("a result line from the collector")),
             })

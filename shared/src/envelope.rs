@@ -29,6 +29,8 @@ pub const HEADER_TRACEPARENT: &str = "traceparent";
 pub const CONTENT_TYPE: &str = "application/json";
 /// AMQP `type` property of a batch manifest on the result path.
 pub const BATCH_TYPE: &str = "batch";
+/// AMQP `type` property of a result group on the result path (`consumer.results_per_message`).
+pub const RESULTS_TYPE: &str = "results";
 
 /// A task as published to `fleet.tasks` with routing key = `kind`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +149,30 @@ impl BatchManifest {
     }
 }
 
+/// Several results in one message, each as it would be published alone: what a consumer with
+/// `consumer.results_per_message` above 1 sends when more than one result is ready at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultGroup {
+    /// Envelope version; always [`VERSION`].
+    pub v: u32,
+    /// Always `"results"`.
+    #[serde(rename = "type")]
+    pub kind_of_message: String,
+    /// The results, at least one.
+    pub results: Vec<TaskResult>,
+}
+
+impl ResultGroup {
+    /// A group of `results`.
+    pub fn new(results: Vec<TaskResult>) -> Self {
+        Self {
+            v: VERSION,
+            kind_of_message: RESULTS_TYPE.to_owned(),
+            results,
+        }
+    }
+}
+
 /// What arrives on `fleet.results`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ResultMessage {
@@ -154,6 +180,8 @@ pub enum ResultMessage {
     Result(TaskResult),
     /// A batch manifest.
     Manifest(BatchManifest),
+    /// Several tasks' results.
+    Results(Vec<TaskResult>),
 }
 
 /// Why a body is not a valid v1 message.
@@ -191,14 +219,26 @@ pub fn decode_task(body: &[u8]) -> Result<Task, DecodeError> {
     Ok(task)
 }
 
-/// Decodes what arrives on the result path: a result or a batch manifest.
+/// Decodes what arrives on the result path: a result, a batch manifest or a result group.
+/// A group must hold at least one result, each of version [`VERSION`].
 pub fn decode_result(body: &[u8]) -> Result<ResultMessage, DecodeError> {
     let value: Value = serde_json::from_slice(body)?;
     check_version(&value)?;
-    if value.get("type").and_then(Value::as_str) == Some(BATCH_TYPE) {
-        Ok(ResultMessage::Manifest(serde_json::from_value(value)?))
-    } else {
-        Ok(ResultMessage::Result(serde_json::from_value(value)?))
+    match value.get("type").and_then(Value::as_str) {
+        Some(BATCH_TYPE) => Ok(ResultMessage::Manifest(serde_json::from_value(value)?)),
+        Some(RESULTS_TYPE) => {
+            let group: ResultGroup = serde_json::from_value(value)?;
+            if group.results.is_empty() {
+                return Err(DecodeError::Malformed(serde::de::Error::custom(
+                    "a result group holds no results",
+                )));
+            }
+            if let Some(other) = group.results.iter().find(|r| r.v != VERSION) {
+                return Err(DecodeError::Version(other.v.into()));
+            }
+            Ok(ResultMessage::Results(group.results))
+        }
+        _ => Ok(ResultMessage::Result(serde_json::from_value(value)?)),
     }
 }
 
@@ -229,6 +269,26 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// An ok result of task `id` (timestamps to the second, so two calls make equal results).
+    fn result(id: &str) -> TaskResult {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).expect("a valid time");
+        TaskResult {
+            v: VERSION,
+            task_id: id.into(),
+            batch: Some("b1".into()),
+            kind: "square".into(),
+            status: Status::Ok,
+            output: Some(json!({"n": 3, "square": 9})),
+            error: None,
+            attempts: 1,
+            worker: "h/1/0".into(),
+            started_at: now,
+            finished_at: now,
+            published_by: None,
+            traceparent: None,
+        }
+    }
+
     #[test]
     fn task_round_trips() {
         let task = Task::new(
@@ -247,26 +307,30 @@ mod tests {
             decode_result(&encode(&manifest)).expect("decodes"),
             ResultMessage::Manifest(manifest)
         );
-        let now = Utc::now();
-        let result = TaskResult {
-            v: VERSION,
-            task_id: "t1".into(),
-            batch: None,
-            kind: "square".into(),
-            status: Status::Ok,
-            output: Some(json!({"n": 3, "square": 9})),
-            error: None,
-            attempts: 1,
-            worker: "h/1/0".into(),
-            started_at: now,
-            finished_at: now,
-            published_by: None,
-            traceparent: None,
-        };
+        let result = result("t1");
         assert_eq!(
             decode_result(&encode(&result)).expect("decodes"),
             ResultMessage::Result(result)
         );
+    }
+
+    #[test]
+    fn a_result_group_decodes_and_an_empty_one_does_not() {
+        let group = ResultGroup::new(vec![result("t1"), result("t2")]);
+        assert_eq!(
+            decode_result(&encode(&group)).expect("decodes"),
+            ResultMessage::Results(vec![result("t1"), result("t2")])
+        );
+        assert!(matches!(
+            decode_result(br#"{"v":1,"type":"results","results":[]}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut old = result("t3");
+        old.v = 2;
+        assert!(matches!(
+            decode_result(&encode(&ResultGroup::new(vec![old]))),
+            Err(DecodeError::Version(2))
+        ));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! A confirmed publisher: every publish is `mandatory` and persistent, and succeeds only when the
 //! broker confirms it. Up to `window` publishes wait for their confirm at once.
 
-use crate::envelope::{self, BatchManifest, Task, TaskResult};
+use crate::envelope::{self, BatchManifest, ResultGroup, Task, TaskResult};
 use crate::topology;
 use crate::trace::TraceParent;
 use chrono::Utc;
@@ -21,7 +21,7 @@ pub const APP_ID: &str = "fleet";
 const NACK_RETRIES: usize = 4;
 
 /// Why a publish did not succeed. In every case the caller still owns the message.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
     /// The channel or connection failed before a confirm arrived.
     #[error("publishing to `{exchange}` failed")]
@@ -118,7 +118,8 @@ impl Outgoing {
         self
     }
 
-    /// A result for exchange `fleet.results` (routing key = kind, for tracing only).
+    /// A result for exchange `fleet.results` (routing key = kind, for tracing only), with the
+    /// result's `traceparent` as its header too.
     pub fn result(result: &TaskResult) -> Self {
         let mut properties = BasicProperties::default()
             .with_message_id(result.task_id.as_str().into())
@@ -129,10 +130,31 @@ impl Outgoing {
         if let Some(batch) = &result.batch {
             properties = properties.with_correlation_id(batch.as_str().into());
         }
+        if let Some(trace) = &result.traceparent {
+            let mut headers = FieldTable::default();
+            headers.insert(envelope::HEADER_TRACEPARENT.into(), long(trace));
+            properties = properties.with_headers(headers);
+        }
         Self {
             exchange: topology::RESULTS_EXCHANGE.to_owned(),
             routing_key: result.kind.clone(),
             body: envelope::encode(result),
+            properties,
+        }
+    }
+
+    /// Several results in one message for exchange `fleet.results` (`type` = `results`; each
+    /// result carries its own trace in its body).
+    pub fn results(group: &ResultGroup) -> Self {
+        let properties = BasicProperties::default()
+            .with_type(envelope::RESULTS_TYPE.into())
+            .with_content_type(envelope::CONTENT_TYPE.into())
+            .with_timestamp(now_secs())
+            .with_app_id(APP_ID.into());
+        Self {
+            exchange: topology::RESULTS_EXCHANGE.to_owned(),
+            routing_key: envelope::RESULTS_TYPE.to_owned(),
+            body: envelope::encode(group),
             properties,
         }
     }

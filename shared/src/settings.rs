@@ -106,6 +106,10 @@ pub enum QueueType {
 /// Most work queues `topology.work_queues` may ask for.
 pub const MAX_WORK_QUEUES: usize = 64;
 
+/// Most results one message may hold (`consumer.results_per_message`): with `exec` output at
+/// its 64 KiB cap twice per result, a full group stays far below the broker's message limit.
+pub const MAX_RESULTS_PER_MESSAGE: usize = 256;
+
 /// `[topology]`: arguments of the queues every service declares.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +146,13 @@ pub struct ConsumerSettings {
     /// Largest task body accepted, in bytes; larger ones are dead-lettered. Default 1048576.
     /// Env `FLEET_CONSUMER__MAX_MESSAGE_BYTES`.
     pub max_message_bytes: usize,
+    /// Most results sent in one message to `fleet.results`. Default 1: every result is its own
+    /// message, as in the v1 wire contract. Above 1, results ready at the same moment go as one
+    /// `{"v":1,"type":"results","results":[...]}` message (the collector must be of a version
+    /// that reads them), which roughly halves the broker's work per task under load; each task
+    /// is still acked only after the message holding its result is confirmed. At most 256.
+    /// Env `FLEET_CONSUMER__RESULTS_PER_MESSAGE`.
+    pub results_per_message: usize,
     /// Attempts per task, the first included, before a retryable failure is final. Default 5.
     /// Env `FLEET_CONSUMER__MAX_ATTEMPTS`.
     pub max_attempts: u32,
@@ -286,6 +297,7 @@ retry_delays_ms = [1000, 5000, 30000, 120000, 600000]
 io_concurrency = 256
 prefetch_per_worker = 4
 max_message_bytes = 1048576
+results_per_message = 1
 max_attempts = 5
 grace_period_secs = 30
 time_limit_ms = 600000
@@ -400,6 +412,12 @@ impl Settings {
             ));
         }
         check_delays("topology.retry_delays_ms", &self.topology.retry_delays_ms)?;
+        if !(1..=MAX_RESULTS_PER_MESSAGE).contains(&self.consumer.results_per_message) {
+            return Err(SettingsError::new(
+                "consumer.results_per_message",
+                format!("must be from 1 to {MAX_RESULTS_PER_MESSAGE}"),
+            ));
+        }
         if !(1..=MAX_WORK_QUEUES).contains(&self.topology.work_queues) {
             return Err(SettingsError::new(
                 "topology.work_queues",

@@ -41,8 +41,9 @@ fn near_envelope() -> impl Strategy<Value = Vec<u8>> {
         "output":{"n":3,"square":9},"error":null,"attempts":1,"worker":"h/1/0",
         "started_at":"2026-11-27T12:00:00Z","finished_at":"2026-11-27T12:00:01Z"});
     let manifest = json!({"v":1,"type":"batch","batch":"b","total":2,"kind":"square"});
+    let group = json!({"v":1,"type":"results","results":[result.clone(), result.clone()]});
     (
-        prop_oneof![Just(task), Just(result), Just(manifest)],
+        prop_oneof![Just(task), Just(result), Just(manifest), Just(group)],
         any::<prop::sample::Index>(),
         any_json(),
         any::<bool>(),
@@ -91,6 +92,9 @@ proptest! {
         match envelope::decode_result(&body) {
             Ok(ResultMessage::Result(r)) => prop_assert_eq!(r.v, envelope::VERSION),
             Ok(ResultMessage::Manifest(m)) => prop_assert_eq!(m.v, envelope::VERSION),
+            Ok(ResultMessage::Results(group)) => prop_assert!(
+                !group.is_empty() && group.iter().all(|r| r.v == envelope::VERSION)
+            ),
             Err(error) => prop_assert!(!error.to_string().is_empty()),
         }
     }

@@ -425,6 +425,20 @@ pub async fn drain_dead(settings: &Settings) -> Vec<(String, Vec<u8>)> {
     dead
 }
 
+/// The value of `series` (its name and labels exactly as exposed) in a scrape of `{base}/metrics`,
+/// or `None` if the service does not answer or has no such series.
+pub async fn metric(base: &str, series: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// Messages ready in `queue` (a passive declare).
 ///
 /// # Panics

@@ -43,6 +43,16 @@ fn a_bad_setting_exits_2_with_a_line_naming_the_key() {
         ("FLEET_CONSUMER__LISTEN", "everywhere", "consumer.listen"),
         ("FLEET_TOPOLOGY__WORK_QUEUES", "0", "topology.work_queues"),
         ("FLEET_TOPOLOGY__WORK_QUEUES", "65", "topology.work_queues"),
+        (
+            "FLEET_CONSUMER__RESULTS_PER_MESSAGE",
+            "0",
+            "consumer.results_per_message",
+        ),
+        (
+            "FLEET_CONSUMER__RESULTS_PER_MESSAGE",
+            "257",
+            "consumer.results_per_message",
+        ),
     ] {
         let output = run("fleet-consumer", &[], &[(key, value)]);
         assert_eq!(output.status.code(), Some(2), "{key}");

@@ -184,6 +184,8 @@ async fn each_service_counts_the_work_it_did() {
             (r#"fleet_worker_slots_busy{work="compute"}"#, 0.0),
             (r#"fleet_worker_slots_busy{work="io"}"#, 0.0),
             ("fleet_publish_confirm_seconds_count", 311.0),
+            // One message per result by default: 300 ok and 3 failed.
+            ("fleet_result_messages_total", 303.0),
             ("fleet_reconnects_total", 0.0),
         ],
     )

@@ -74,6 +74,150 @@ async fn ten_thousand_squares_through_two_consumers_are_stored_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grouped_results_reach_the_store_exactly_once_in_fewer_messages() {
+    let vhost = Vhost::new();
+    let listen = fleet_tests::free_address();
+    let settings = vhost.settings(&[
+        ("FLEET_CONSUMER__WORKERS", "2"),
+        ("FLEET_CONSUMER__RESULTS_PER_MESSAGE", "64"),
+        ("FLEET_CONSUMER__LISTEN", &listen),
+    ]);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    // 2,000 squares, and 2 whose square overflows: failed results travel in groups too.
+    let payloads: Vec<Value> = (0..2_000i64)
+        .map(|n| json!({ "n": n }))
+        .chain([
+            json!({ "n": 4_000_000_000i64 }),
+            json!({ "n": -4_000_000_000i64 }),
+        ])
+        .collect();
+    let receipt = submit::publish_batch(&publisher, "square", payloads)
+        .await
+        .expect("published");
+    let _ = connection.close(200, "done".into()).await;
+
+    // The consumer alone first, so that what it sent waits in fleet.results to be looked at.
+    let consumer = Service::builtin_consumer(&settings);
+    let base = format!("http://{listen}");
+    let series =
+        |outcome: &str| format!(r#"fleet_tasks_total{{kind="square",outcome="{outcome}"}}"#);
+    let (ok, failed) = (series("ok"), series("failed"));
+    eventually("2,002 tasks settled", Duration::from_secs(120), || async {
+        let done = (
+            fleet_tests::metric(&base, &ok).await?,
+            fleet_tests::metric(&base, &failed).await?,
+        );
+        (done == (2_000.0, 2.0)).then_some(())
+    })
+    .await;
+    let sent = fleet_tests::metric(&base, "fleet_result_messages_total")
+        .await
+        .expect("the consumer's message count");
+    // Every message it sent is in the queue, with the batch's manifest.
+    let waiting = eventually(
+        "the results in fleet.results",
+        Duration::from_secs(30),
+        || async {
+            let waiting = ready(&settings, topology::RESULTS_QUEUE).await;
+            (f64::from(waiting) == sent + 1.0).then_some(waiting)
+        },
+    )
+    .await;
+    println!("2,002 results in {sent} messages");
+    assert!(
+        sent <= 1_001.0,
+        "results ready together share messages: 2,002 results in {sent} messages"
+    );
+    assert!(
+        sent >= (2_002.0 / 64.0_f64).ceil(),
+        "at most 64 in one: {sent}"
+    );
+    // On the wire: some message is a v1 result group of 2 to 64 results.
+    let groups = peek_result_messages(&settings, waiting).await;
+    let sizes: Vec<usize> = groups
+        .iter()
+        .filter_map(|message| match message {
+            envelope::ResultMessage::Results(results) => Some(results.len()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !sizes.is_empty(),
+        "no group among {} messages",
+        groups.len()
+    );
+    assert!(sizes.iter().all(|n| (2..=64).contains(n)), "{sizes:?}");
+
+    let collector = Service::collector(&settings);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let status = complete(&client, &receipt.batch, Duration::from_secs(120)).await;
+    assert_eq!(
+        (status.done, status.ok, status.failed, status.duplicates),
+        (2_002, 2_000, 2, 0)
+    );
+    let results = client.results(&receipt.batch).await.expect("results");
+    let ids: std::collections::HashSet<_> = results.iter().map(|r| r.task_id.as_str()).collect();
+    assert_eq!(ids.len(), 2_002, "one result per task id");
+    assert!(receipt.task_ids.iter().all(|id| ids.contains(id.as_str())));
+    for result in &results {
+        assert!(result.traceparent.is_some(), "each result keeps its trace");
+        match result.status {
+            Status::Ok => {
+                let output = result.output.as_ref().expect("ok results carry output");
+                let n = output["n"].as_i64().expect("n");
+                assert_eq!(output["square"].as_i64(), Some(n * n));
+            }
+            Status::Failed => {
+                let error = result.error.as_ref().expect("failed results say why");
+                assert_eq!(error.kind, "overflow");
+            }
+        }
+    }
+    let dead = drain_dead(&settings).await;
+    assert_eq!(dead.len(), 2, "the two overflowing tasks are dead-lettered");
+    assert_eq!(ready(&settings, topology::RESULTS_QUEUE).await, 0);
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+/// Reads (and leaves in the queue) the first `count` messages of `fleet.results`, decoded. A
+/// consumer, not `basic.get`, which a single-active-consumer quorum queue refuses.
+async fn peek_result_messages(
+    settings: &fleet_shared::settings::Settings,
+    count: u32,
+) -> Vec<envelope::ResultMessage> {
+    use futures_util::StreamExt as _;
+    use lapin::options::BasicConsumeOptions;
+    let connection = fleet_shared::amqp::connect(settings, "test-results-reader")
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut deliveries = channel
+        .basic_consume(
+            topology::RESULTS_QUEUE.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("basic.consume");
+    let mut messages = Vec::new();
+    while messages.len() < count as usize {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("the stream goes on")
+            .expect("a delivery");
+        messages.push(envelope::decode_result(&delivery.data).expect("a v1 message"));
+    }
+    // Unacked: closing the connection puts every one of them back.
+    let _ = connection.close(200, "done".into()).await;
+    messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_two_work_queues_tasks_are_spread_over_both_and_one_consumer_takes_them_all() {
     let vhost = Vhost::new();
     let sharded = [("FLEET_TOPOLOGY__WORK_QUEUES", "2")];
@@ -613,36 +757,57 @@ async fn results_and_manifests_count_only_from_their_own_exchange() {
     ));
     wrong_manifest.exchange = topology::RESULTS_EXCHANGE.to_owned();
     let genuine = Outgoing::result(&result("genuine-1"));
+    let group = |ids: &[&str]| {
+        Outgoing::results(&envelope::ResultGroup::new(
+            ids.iter().map(|id| result(id)).collect(),
+        ))
+    };
+    let genuine_group = group(&["genuine-2", "genuine-3"]);
+    let mut forged_group = group(&["forged-2"]);
+    forged_group.exchange = topology::BATCHES_EXCHANGE.to_owned();
+    let mut empty_group = group(&[]);
+    empty_group.body = br#"{"v":1,"type":"results","results":[]}"#.to_vec();
     publisher
-        .publish_all(vec![forged, wrong_manifest, genuine])
+        .publish_all(vec![
+            forged,
+            wrong_manifest,
+            genuine,
+            genuine_group,
+            forged_group,
+            empty_group,
+        ])
         .await
         .expect("published");
     let _ = connection.close(200, "done".into()).await;
 
     let client = CollectorClient::new(&settings.producer.collector_url);
-    eventually("the genuine result", Duration::from_secs(30), || async {
-        client.task("genuine-1").await.ok().flatten()
-    })
-    .await;
-    let dead = eventually("two dead letters", Duration::from_secs(30), || async {
-        let dead = drain_dead(&settings).await;
-        (!dead.is_empty()).then_some(dead)
-    })
-    .await;
-    let mut reasons: Vec<String> = dead.into_iter().map(|(r, _)| r).collect();
-    reasons.extend(drain_dead(&settings).await.into_iter().map(|(r, _)| r));
+    for id in ["genuine-1", "genuine-2", "genuine-3"] {
+        eventually(
+            &format!("the genuine result {id}"),
+            Duration::from_secs(30),
+            || async { client.task(id).await.ok().flatten() },
+        )
+        .await;
+    }
+    let mut reasons: Vec<String> = Vec::new();
+    let waited = std::time::Instant::now();
+    while reasons.len() < 4 && waited.elapsed() < Duration::from_secs(30) {
+        reasons.extend(drain_dead(&settings).await.into_iter().map(|(r, _)| r));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     reasons.sort();
     assert_eq!(
         reasons,
         [
             "a batch manifest arrived through exchange `fleet.results`; only `fleet.batches` may carry one",
             "a result arrived through exchange `fleet.batches`; only `fleet.results` may carry one",
+            "a result group arrived through exchange `fleet.batches`; only `fleet.results` may carry one",
+            "undecodable body: a result group holds no results",
         ]
     );
-    assert!(
-        client.task("forged-1").await.expect("ask").is_none(),
-        "not stored"
-    );
+    for id in ["forged-1", "forged-2"] {
+        assert!(client.task(id).await.expect("ask").is_none(), "{id} stored");
+    }
     assert!(
         client
             .batch("forged")

@@ -2,16 +2,32 @@
 //! services can validate against them.
 
 use chrono::Utc;
-use fleet_shared::envelope::{self, BatchManifest, ErrorInfo, Status, Task, TaskResult};
+use fleet_shared::envelope::{
+    self, BatchManifest, ErrorInfo, ResultGroup, Status, Task, TaskResult,
+};
 use serde_json::{Value, json};
 
-fn schema(name: &str) -> jsonschema::Validator {
+fn load(name: &str) -> Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../schemas")
         .join(name);
     let text = std::fs::read_to_string(&path).expect("schema file");
-    let schema: Value = serde_json::from_str(&text).expect("schema is JSON");
-    jsonschema::validator_for(&schema).expect("schema compiles")
+    serde_json::from_str(&text).expect("schema is JSON")
+}
+
+fn schema(name: &str) -> jsonschema::Validator {
+    schema_with(name, &[])
+}
+
+/// The schema `name`, with the shipped schemas it refers to (`$ref` by file name; every `$id`
+/// is `fleet/<file>`, resolved against jsonschema's default base).
+fn schema_with(name: &str, refs: &[&str]) -> jsonschema::Validator {
+    let mut options = jsonschema::options();
+    for referred in refs {
+        let resource = jsonschema::Resource::from_contents(load(referred)).expect("a schema");
+        options = options.with_resource(format!("json-schema:///fleet/{referred}"), resource);
+    }
+    options.build(&load(name)).expect("schema compiles")
 }
 
 fn encoded<T: serde::Serialize>(message: &T) -> Value {
@@ -60,6 +76,17 @@ fn encoded_messages_match_the_shipped_schemas() {
     bad_trace["traceparent"] = json!("not-a-traceparent");
     assert!(!result.is_valid(&bad_trace));
     assert!(!result.is_valid(&json!({ "v": 1, "task_id": "x", "status": "maybe" })));
+
+    let group = schema_with("results.v1.json", &["result.v1.json"]);
+    let mut ok = failed.clone();
+    ok.status = Status::Ok;
+    ok.output = Some(json!({ "n": 3, "square": 9 }));
+    ok.error = None;
+    assert!(group.is_valid(&encoded(&ResultGroup::new(vec![failed, ok]))));
+    assert!(!group.is_valid(&json!({ "v": 1, "type": "results", "results": [] })));
+    assert!(!group.is_valid(
+        &json!({ "v": 1, "type": "results", "results": [{ "v": 1, "task_id": "x", "status": "maybe" }] })
+    ));
 
     let manifest = schema("batch.v1.json");
     assert!(manifest.is_valid(&encoded(&BatchManifest::new(

@@ -281,6 +281,7 @@ enum Flush {
 fn admit(exchange: &str, message: ResultMessage) -> Result<ResultMessage, String> {
     let (what, allowed) = match &message {
         ResultMessage::Result(_) => ("result", topology::RESULTS_EXCHANGE),
+        ResultMessage::Results(_) => ("result group", topology::RESULTS_EXCHANGE),
         ResultMessage::Manifest(_) => ("batch manifest", topology::BATCHES_EXCHANGE),
     };
     if exchange == allowed || exchange.is_empty() {

@@ -106,7 +106,8 @@ impl Store {
         Ok(Self { conn })
     }
 
-    /// Stores results and manifests in one transaction, with each batch's counts.
+    /// Stores results (alone or in groups) and manifests in one transaction, with each batch's
+    /// counts.
     ///
     /// Fails (and stores nothing) when the database cannot be written.
     pub fn store(&mut self, messages: &[ResultMessage]) -> rusqlite::Result<Stored> {
@@ -131,54 +132,58 @@ impl Store {
                  ON CONFLICT (batch) DO UPDATE SET kind = excluded.kind, total = excluded.total",
             )?;
             for message in messages {
-                match message {
-                    ResultMessage::Result(result) => {
-                        let status = match result.status {
-                            Status::Ok => "ok",
-                            Status::Failed => "failed",
-                        };
-                        let body = String::from_utf8(envelope::encode(result))
-                            .expect("JSON is always UTF-8");
-                        let inserted = insert.execute(params![
-                            result.task_id,
-                            result.batch,
-                            result.kind,
-                            status,
-                            body,
-                            now_us
-                        ])?;
-                        if inserted == 1 {
-                            stored.results += 1;
-                            if let Some(batch) = &result.batch {
-                                let added = touched.entry(batch).or_default();
-                                match result.status {
-                                    Status::Ok => added.ok += 1,
-                                    Status::Failed => added.failed += 1,
-                                }
-                            }
-                        } else {
-                            stored.duplicates += 1;
-                            if let Some(batch) = &result.batch {
-                                duplicate.execute(params![batch])?;
+                let (results, manifest_of) = match message {
+                    ResultMessage::Result(result) => (std::slice::from_ref(result), None),
+                    ResultMessage::Results(results) => (results.as_slice(), None),
+                    ResultMessage::Manifest(m) => (&[][..], Some(m)),
+                };
+                for result in results {
+                    let status = match result.status {
+                        Status::Ok => "ok",
+                        Status::Failed => "failed",
+                    };
+                    let body =
+                        String::from_utf8(envelope::encode(result)).expect("JSON is always UTF-8");
+                    let inserted = insert.execute(params![
+                        result.task_id,
+                        result.batch,
+                        result.kind,
+                        status,
+                        body,
+                        now_us
+                    ])?;
+                    if inserted == 1 {
+                        stored.results += 1;
+                        if let Some(batch) = &result.batch {
+                            let added = touched.entry(batch).or_default();
+                            match result.status {
+                                Status::Ok => added.ok += 1,
+                                Status::Failed => added.failed += 1,
                             }
                         }
-                    }
-                    ResultMessage::Manifest(BatchManifest {
-                        batch, total, kind, ..
-                    }) => {
-                        let known: Option<Option<u64>> = known_total
-                            .query_row([batch], |row| row.get(0))
-                            .optional()?;
-                        if known.flatten().is_none() {
-                            touched.entry(batch).or_default().manifest = true;
+                    } else {
+                        stored.duplicates += 1;
+                        if let Some(batch) = &result.batch {
+                            duplicate.execute(params![batch])?;
                         }
-                        manifest.execute(params![
-                            batch,
-                            kind,
-                            i64::try_from(*total).unwrap_or(i64::MAX)
-                        ])?;
-                        stored.manifests += 1;
                     }
+                }
+                if let Some(BatchManifest {
+                    batch, total, kind, ..
+                }) = manifest_of
+                {
+                    let known: Option<Option<u64>> = known_total
+                        .query_row([batch], |row| row.get(0))
+                        .optional()?;
+                    if known.flatten().is_none() {
+                        touched.entry(batch).or_default().manifest = true;
+                    }
+                    manifest.execute(params![
+                        batch,
+                        kind,
+                        i64::try_from(*total).unwrap_or(i64::MAX)
+                    ])?;
+                    stored.manifests += 1;
                 }
             }
             // One count update and one read per batch the group moved: a batch completes in
@@ -343,6 +348,45 @@ mod tests {
         );
         assert_eq!(store.results("b1", 1, 10).expect("read").len(), 1);
         assert!(store.batch("nope").expect("read").is_none());
+    }
+
+    #[test]
+    fn a_result_group_is_stored_like_its_results_one_by_one() {
+        let dir = std::env::temp_dir().join(format!("fleet-store-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut store = Store::open(&dir.join("r.db")).expect("open");
+        let alone = |message: ResultMessage| match message {
+            ResultMessage::Result(result) => result,
+            other => panic!("not a result: {other:?}"),
+        };
+        let group = ResultMessage::Results(vec![
+            alone(result("a", "b3", Status::Ok)),
+            alone(result("b", "b3", Status::Failed)),
+            alone(result("a", "b3", Status::Failed)),
+        ]);
+        let manifest = ResultMessage::Manifest(BatchManifest::new("b3".into(), 3, "square".into()));
+        let stored = store
+            .store(&[manifest, group, result("c", "b3", Status::Ok)])
+            .expect("store");
+        assert_eq!(
+            stored,
+            Stored {
+                results: 3,
+                duplicates: 1,
+                manifests: 1,
+                completed: vec!["b3".to_owned()],
+            }
+        );
+        let status = store.batch("b3").expect("read").expect("known");
+        assert_eq!(
+            (status.done, status.ok, status.failed, status.duplicates),
+            (3, 2, 1, 1)
+        );
+        assert!(
+            parse(&store.task("a").expect("read").expect("stored"))
+                .is_some_and(|r| r.status == Status::Ok),
+            "the first result of a task in a group wins"
+        );
     }
 
     #[test]

@@ -59,6 +59,9 @@ struct Args {
     /// Spread the fleet's tasks over this many work queues (`topology.work_queues`).
     #[arg(long, default_value_t = 1)]
     work_queues: usize,
+    /// Results the consumer may send in one message (`consumer.results_per_message`).
+    #[arg(long, default_value_t = 1)]
+    results_per_message: usize,
     /// Run the fleet's three processes under `strace -f -c` (summaries in this directory) and
     /// report syscalls per task; times and CPU are then not comparable.
     #[arg(long)]
@@ -102,8 +105,8 @@ fn main() -> anyhow::Result<()> {
             chaos: args.chaos,
         }));
     }
-    let queues = args.work_queues.to_string();
-    let extra = work_queues(&queues);
+    let owned = settings_of(&args);
+    let extra = borrowed(&owned);
     if let Some(rate) = args.paced {
         return runtime.block_on(paced(&Vhost::new(), rate, args.seconds, &extra));
     }
@@ -191,8 +194,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         baseline.as_secs_f64(),
         rate(args.tasks, baseline)
     );
-    let queues = args.work_queues.to_string();
-    let extra = work_queues(&queues);
+    let owned = settings_of(&args);
+    let extra = borrowed(&owned);
     let broker_before = broker_cpu();
     let fleet = fleet(&vhost, args.tasks, &extra, args.strace.as_deref())
         .await
@@ -200,11 +203,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let fleet_broker = per_task(broker_cpu() - broker_before);
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
-        "fleet: {} tasks in {:.2}s = {:.0} tasks/s; work queues {}; CPU us/task producer {:.1} consumer {:.1} collector {:.1} broker {fleet_broker:.1}; peak RSS MiB producer {:.1} consumer {:.1} collector {:.1}",
+        "fleet: {} tasks in {:.2}s = {:.0} tasks/s; work queues {}; results per message {}; CPU us/task producer {:.1} consumer {:.1} collector {:.1} broker {fleet_broker:.1}; peak RSS MiB producer {:.1} consumer {:.1} collector {:.1}",
         args.tasks,
         fleet.elapsed.as_secs_f64(),
         rate(args.tasks, fleet.elapsed),
         args.work_queues,
+        args.results_per_message,
         per_task(fleet.cpu_us[0]),
         per_task(fleet.cpu_us[1]),
         per_task(fleet.cpu_us[2]),
@@ -236,14 +240,24 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The setting for `--work-queues`, left out at 1 so that binaries from before the setting
-/// existed can be measured with this bench too.
-fn work_queues(queues: &str) -> Vec<(&'static str, &str)> {
-    if queues == "1" {
-        Vec::new()
-    } else {
-        vec![("FLEET_TOPOLOGY__WORK_QUEUES", queues)]
+/// The fleet's settings from `--work-queues` and `--results-per-message`, each left out at its
+/// default, so that binaries from before a setting existed can be measured with this bench too.
+fn settings_of(args: &Args) -> Vec<(&'static str, String)> {
+    let mut settings = Vec::new();
+    if args.work_queues != 1 {
+        settings.push(("FLEET_TOPOLOGY__WORK_QUEUES", args.work_queues.to_string()));
     }
+    if args.results_per_message != 1 {
+        settings.push((
+            "FLEET_CONSUMER__RESULTS_PER_MESSAGE",
+            args.results_per_message.to_string(),
+        ));
+    }
+    settings
+}
+
+fn borrowed<'a>(settings: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    settings.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
 fn rate(tasks: u64, elapsed: Duration) -> f64 {

@@ -2,7 +2,7 @@
 //!
 //! A handler is a plain `async fn(Payload, TaskContext) -> Result<Output, HandlerError>`.
 //! Compute-bound handlers run on the consumer's blocking pool (one thread per worker slot);
-//! I/O-bound ones run as async tasks on the runtime.
+//! I/O-bound ones run as async tasks on the runtime; those done in microseconds run inline.
 
 use chrono::{DateTime, Utc};
 use fleet_shared::envelope;
@@ -70,6 +70,11 @@ pub enum Work {
     Compute,
     /// I/O-bound: an async task, at most `io_concurrency` at once.
     Io,
+    /// Done in microseconds (arithmetic, a lookup, reshaping JSON): run at once where the
+    /// delivery is handled, without a slot and without handing it to another thread, which
+    /// would cost more than the work. It must neither block nor await I/O: anything that can
+    /// take longer than about 100 µs belongs in [`Work::Compute`].
+    Inline,
 }
 
 /// A type-erased handler: JSON payload in, JSON output out.
@@ -80,7 +85,7 @@ pub type ErasedHandler = Arc<
 /// A registered handler and where it runs.
 #[derive(Clone)]
 pub struct Handler {
-    /// Compute or I/O.
+    /// Compute, I/O or inline.
     pub work: Work,
     /// The function.
     pub call: ErasedHandler,

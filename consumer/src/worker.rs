@@ -13,6 +13,7 @@ use fleet_shared::publisher::{Outgoing, PublishError, Publisher, header_str};
 use fleet_shared::settings::Settings;
 use fleet_shared::topology;
 use fleet_shared::trace::TraceParent;
+use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::options::BasicNackOptions;
@@ -200,17 +201,22 @@ impl Worker {
             cancel: CancellationToken::new(),
         };
 
-        let (slots, compute) = match handler.work {
-            Work::Compute => (&self.compute_slots, true),
-            Work::Io => (&self.io_slots, false),
+        let slots = match handler.work {
+            Work::Compute => Some((&self.compute_slots, true)),
+            Work::Io => Some((&self.io_slots, false)),
+            Work::Inline => None,
         };
-        let permit = tokio::select! {
-            biased;
-            permit = Arc::clone(slots).acquire_owned() => Slot {
-                _permit: permit.expect("slot semaphores are never closed"),
-                _busy: self.metrics.busy(compute),
+        let permit = match slots {
+            Some((slots, compute)) => tokio::select! {
+                biased;
+                permit = Arc::clone(slots).acquire_owned() => Some(Slot {
+                    _permit: permit.expect("slot semaphores are never closed"),
+                    _busy: self.metrics.busy(compute),
+                }),
+                () = self.shutdown.cancelled() => return Ok(Settled::Unstarted),
             },
-            () = self.shutdown.cancelled() => return Ok(Settled::Unstarted),
+            None if self.shutdown.is_cancelled() => return Ok(Settled::Unstarted),
+            None => None,
         };
         let started_at = Utc::now();
         let expired = task.deadline.is_some_and(|d| d < started_at);
@@ -229,6 +235,7 @@ impl Worker {
             let running = match handler.work {
                 Work::Compute => self.run_compute(future, permit),
                 Work::Io => Box::pin(run_io(future, permit)),
+                Work::Inline => Box::pin(run_inline(future)),
             };
             match tokio::time::timeout(policy.time_limit, running).await {
                 Ok(done) => done,
@@ -354,7 +361,7 @@ impl Worker {
     fn run_compute(
         &self,
         future: BoxFuture<'static, Result<Value, HandlerError>>,
-        permit: Slot,
+        permit: Option<Slot>,
     ) -> BoxFuture<'static, (Result<Value, HandlerError>, String)> {
         let (tx, rx) = oneshot::channel();
         // What the handler logs on the pool thread belongs to the task's span too.
@@ -424,9 +431,20 @@ async fn dead_letter(
 
 /// Runs an I/O handler as its own task, so a panic is caught by tokio and does not take the
 /// delivery down with it. Dropping the returned future (the time limit) aborts the handler.
+/// Runs an inline handler in the delivery's own task; a panic becomes a permanent failure.
+async fn run_inline(
+    future: BoxFuture<'static, Result<Value, HandlerError>>,
+) -> (Result<Value, HandlerError>, String) {
+    let outcome = AssertUnwindSafe(future)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(panicked(panic.as_ref())));
+    (outcome, "inline".to_owned())
+}
+
 async fn run_io(
     future: BoxFuture<'static, Result<Value, HandlerError>>,
-    permit: Slot,
+    permit: Option<Slot>,
 ) -> (Result<Value, HandlerError>, String) {
     let mut task = AbortOnDrop(tokio::spawn(future));
     let outcome = match (&mut task.0).await {

@@ -15,7 +15,7 @@ pub fn registry(settings: &Settings) -> Result<Registry, DuplicateKind> {
     let mut registry = Registry::new();
     let exec = exec::Exec::new(&settings.consumer.exec);
     registry
-        .register("square", Work::Compute, square::run)?
+        .register("square", Work::Inline, square::run)?
         .register("primes", Work::Compute, primes::run)?
         .register("sleep", Work::Io, sleep::run)?
         .register("exec", Work::Io, move |payload, ctx| {

@@ -62,6 +62,9 @@ struct Args {
     /// Results the consumer may send in one message (`consumer.results_per_message`).
     #[arg(long, default_value_t = 1)]
     results_per_message: usize,
+    /// Any other setting of the fleet's services, as `FLEET_SECTION__KEY=VALUE` (repeatable).
+    #[arg(long = "set", value_name = "FLEET_SECTION__KEY=VALUE", value_parser = env_setting)]
+    settings: Vec<(String, String)>,
     /// Run the fleet's three processes under `strace -f -c` (summaries in this directory) and
     /// report syscalls per task; times and CPU are then not comparable.
     #[arg(long)]
@@ -203,12 +206,15 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let fleet_broker = per_task(broker_cpu() - broker_before);
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
-        "fleet: {} tasks in {:.2}s = {:.0} tasks/s; work queues {}; results per message {}; CPU us/task producer {:.1} consumer {:.1} collector {:.1} broker {fleet_broker:.1}; peak RSS MiB producer {:.1} consumer {:.1} collector {:.1}",
+        "fleet: {} tasks in {:.2}s = {:.0} tasks/s; work queues {}; results per message {} (mean {:.1}); CPU us/task producer {:.1} consumer {:.1} collector {:.1} broker {fleet_broker:.1}; peak RSS MiB producer {:.1} consumer {:.1} collector {:.1}",
         args.tasks,
         fleet.elapsed.as_secs_f64(),
         rate(args.tasks, fleet.elapsed),
         args.work_queues,
         args.results_per_message,
+        fleet
+            .result_messages
+            .map_or(f64::NAN, |messages| args.tasks as f64 / messages),
         per_task(fleet.cpu_us[0]),
         per_task(fleet.cpu_us[1]),
         per_task(fleet.cpu_us[2]),
@@ -240,24 +246,38 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The fleet's settings from `--work-queues` and `--results-per-message`, each left out at its
-/// default, so that binaries from before a setting existed can be measured with this bench too.
-fn settings_of(args: &Args) -> Vec<(&'static str, String)> {
-    let mut settings = Vec::new();
+/// The fleet's settings from `--set`, `--work-queues` and `--results-per-message`, the last two
+/// left out at their default, so that binaries from before a setting existed can be measured with this bench too.
+fn settings_of(args: &Args) -> Vec<(String, String)> {
+    let mut settings = args.settings.clone();
     if args.work_queues != 1 {
-        settings.push(("FLEET_TOPOLOGY__WORK_QUEUES", args.work_queues.to_string()));
+        settings.push((
+            "FLEET_TOPOLOGY__WORK_QUEUES".to_owned(),
+            args.work_queues.to_string(),
+        ));
     }
     if args.results_per_message != 1 {
         settings.push((
-            "FLEET_CONSUMER__RESULTS_PER_MESSAGE",
+            "FLEET_CONSUMER__RESULTS_PER_MESSAGE".to_owned(),
             args.results_per_message.to_string(),
         ));
     }
     settings
 }
 
-fn borrowed<'a>(settings: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    settings.iter().map(|(k, v)| (*k, v.as_str())).collect()
+fn borrowed(settings: &[(String, String)]) -> Vec<(&str, &str)> {
+    settings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+/// `--set FLEET_SECTION__KEY=VALUE`.
+fn env_setting(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if key.starts_with("FLEET_") => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("`{text}` is not FLEET_SECTION__KEY=VALUE")),
+    }
 }
 
 fn rate(tasks: u64, elapsed: Duration) -> f64 {
@@ -404,6 +424,8 @@ struct FleetRun {
     peak_kib: [u64; 3],
     /// Syscalls made: producer, consumer, collector (with `--strace` only).
     syscalls: Option<[u64; 3]>,
+    /// Messages the consumer sent to `fleet.results` (`None` from a consumer without the metric).
+    result_messages: Option<f64>,
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -513,6 +535,8 @@ fn strace_total(summary: &Path) -> u64 {
 
 /// A running collector and consumer on the bench's vhost.
 struct Services {
+    /// The consumer's `/metrics` address.
+    consumer_base: String,
     env: Vec<(String, String)>,
     settings: Settings,
     collector: Child,
@@ -529,7 +553,10 @@ impl Services {
         extra: &[(&str, &str)],
         strace: Option<&Path>,
     ) -> anyhow::Result<Self> {
-        let env = vhost.env(extra);
+        let listen = fleet_tests::free_address();
+        let mut extra = extra.to_vec();
+        extra.push(("FLEET_CONSUMER__LISTEN", &listen));
+        let env = vhost.env(&extra);
         let settings = fleet_tests::settings_of(&env);
         let spawn = |name: &str| -> anyhow::Result<Child> {
             let summary = strace.map(|dir| dir.join(format!("{name}.strace")));
@@ -552,6 +579,7 @@ impl Services {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(Self {
+            consumer_base: format!("http://{listen}"),
             env,
             settings,
             collector,
@@ -731,6 +759,8 @@ async fn fleet(
     let [consumer, collector] = services.pids();
     let cpu_us = [producer_cpu, pid_cpu_us(consumer), pid_cpu_us(collector)];
     let peak_kib = [producer_peak, peak_kib(consumer), peak_kib(collector)];
+    let result_messages =
+        fleet_tests::metric(&services.consumer_base, "fleet_result_messages_total").await;
     let store = services.stop()?;
     let syscalls = strace.map(|dir| {
         ["fleet-producer", "fleet-consumer", "fleet-collector"]
@@ -745,6 +775,7 @@ async fn fleet(
         cpu_us,
         peak_kib,
         syscalls,
+        result_messages,
     })
 }
 

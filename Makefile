@@ -20,6 +20,7 @@ demo:            ## the seed's task_master.py against a running fleet
 bench:           ## the issue 7 figures of docs/BENCHMARKS.md against the local broker
 	cargo build --release -q --workspace --bins
 	target/release/fleet-bench --tasks 50000
+	target/release/fleet-bench --tasks 50000 --results-per-message 256
 	target/release/fleet-bench --tasks 50000 --work-queues 2
 	target/release/fleet-bench --paced 1000 --seconds 10
 	target/release/fleet-bench --workers --below 10000000

@@ -17,6 +17,10 @@ use tokio::sync::Semaphore;
 /// The AMQP `app_id` of everything fleet publishes.
 pub const APP_ID: &str = "fleet";
 
+/// Messages [`Publisher::publish_all`] hands to lapin at once: enough that its I/O thread
+/// writes many per wake-up, few enough that its send buffer (and our memory) stays small.
+const WRITE_BURST: usize = 128;
+
 /// Times a nacked publish is sent again before the nack is the caller's error.
 const NACK_RETRIES: usize = 4;
 
@@ -357,30 +361,41 @@ impl Publisher {
         let mut pending = FuturesUnordered::new();
         let mut confirmed = vec![false; messages.len()];
         let mut error = None;
-        for (i, message) in messages.iter().enumerate() {
-            if pending.len() >= self.window_size
+        let burst = WRITE_BURST.min(self.window_size);
+        'sending: for (n, chunk) in messages.chunks(burst).enumerate() {
+            while pending.len() + chunk.len() > self.window_size
                 && let Some((j, outcome)) = pending.next().await
             {
                 match outcome {
                     Ok(()) => confirmed[j] = true,
                     Err(e) => {
                         error = Some(e);
-                        break;
+                        break 'sending;
                     }
                 }
             }
-            match self.send(message).await {
-                Ok(confirm) => pending.push(async move {
-                    match confirm.await {
-                        // Nacked: send it again as `publish` would.
-                        Err(PublishError::Nacked { .. }) => (i, self.confirmed(message).await),
-                        outcome => (i, outcome),
+            // Sent together: lapin's publish returns only once its I/O thread has written the
+            // frames, so sending one message after another costs two thread wake-ups each; a
+            // burst goes out in one write and comes back in one wake-up. The channel numbers
+            // each message as it queues its frames, so confirms still match.
+            let sent = futures_util::future::join_all(chunk.iter().map(|m| self.send(m))).await;
+            for (k, (message, sent)) in chunk.iter().zip(sent).enumerate() {
+                let i = n * burst + k;
+                match sent {
+                    Ok(confirm) => pending.push(async move {
+                        match confirm.await {
+                            // Nacked: send it again as `publish` would.
+                            Err(PublishError::Nacked { .. }) => (i, self.confirmed(message).await),
+                            outcome => (i, outcome),
+                        }
+                    }),
+                    Err(e) => {
+                        error.get_or_insert(e);
                     }
-                }),
-                Err(e) => {
-                    error = Some(e);
-                    break;
                 }
+            }
+            if error.is_some() {
+                break;
             }
         }
         // Whatever was sent is answered (or failed with the channel) before we return.

@@ -15,7 +15,7 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 /// What the soak run is asked to do.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Plan {
     /// How long the load runs.
     pub duration: Duration,
@@ -25,6 +25,8 @@ pub struct Plan {
     pub consumers: usize,
     /// Kill consumers and cut connections at random.
     pub chaos: bool,
+    /// More `FLEET_*` settings for every service.
+    pub settings: Vec<(String, String)>,
 }
 
 /// What came of it.
@@ -60,10 +62,12 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     let vhost = Vhost::new();
     let proxy = Proxy::start(broker_host()).await;
     let url = format!("amqp://guest:guest@{}/{}", proxy.addr, vhost.name);
-    let env = vhost.env(&[
-        ("FLEET_AMQP__URL", &url),
+    let mut extra = vec![
+        ("FLEET_AMQP__URL", url.as_str()),
         ("FLEET_AMQP__HEARTBEAT_SECS", "5"),
-    ]);
+    ];
+    extra.extend(plan.settings.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let env = vhost.env(&extra);
     let settings = settings_of(&env);
     let collector = Process::spawn("fleet-collector", &[], &env);
     let mut consumers: Vec<Process> = (0..plan.consumers)

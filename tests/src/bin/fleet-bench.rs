@@ -106,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             rate: args.rate,
             consumers: args.consumers,
             chaos: args.chaos,
+            settings: settings_of(&args),
         }));
     }
     let owned = settings_of(&args);
@@ -149,12 +150,13 @@ fn on_own_broker(erl_args: &str) -> anyhow::Result<()> {
 }
 
 async fn soak(plan: fleet_tests::soak::Plan) -> anyhow::Result<()> {
-    let r = fleet_tests::soak::run(plan).await?;
+    let r = fleet_tests::soak::run(plan.clone()).await?;
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
-        "fleet-soak duration_s={} chaos={} rate={} tasks={} lost={} duplicates={} failed={} kills={} cuts={} settle_s={:.1} rss_mib consumer={:.1}->{:.1} collector={:.1}->{:.1} producer={:.1}->{:.1}",
+        "fleet-soak duration_s={} chaos={} settings={:?} rate={} tasks={} lost={} duplicates={} failed={} kills={} cuts={} settle_s={:.1} rss_mib consumer={:.1}->{:.1} collector={:.1}->{:.1} producer={:.1}->{:.1}",
         plan.duration.as_secs(),
         plan.chaos,
+        plan.settings,
         plan.rate,
         r.tasks,
         r.lost,

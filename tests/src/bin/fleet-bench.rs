@@ -13,6 +13,8 @@
 //! taken to the microsecond, and its three legs), `--workers` (the worker model, in rounds),
 //! `--work-queues K`, `--strace DIR` (syscalls per task), `--soak` (nothing lost under chaos),
 //! and `--own-broker ERL_ARGS` (any of these against a private node with those VM flags).
+//! `--results-per-message N` and `--set FLEET_SECTION__KEY=VALUE` set the services' settings in
+//! every mode.
 //! Build the binaries in release mode first (`make bench` does).
 
 use anyhow::{Context as _, bail};

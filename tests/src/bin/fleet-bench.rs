@@ -11,6 +11,8 @@
 //!
 //! Other modes (docs/BENCHMARKS.md): `--paced RATE` (latency at a steady rate, submit time
 //! taken to the microsecond, and its three legs), `--workers` (the worker model, in rounds),
+//! `--paced RATE --hops N` (the broker alone: N plain lapin streams at RATE through quorum
+//! queues, the floor under `--paced`),
 //! `--work-queues K`, `--strace DIR` (syscalls per task), `--soak` (nothing lost under chaos),
 //! and `--own-broker ERL_ARGS` (any of these against a private node with those VM flags).
 //! `--results-per-message N` and `--set FLEET_SECTION__KEY=VALUE` set the services' settings in
@@ -77,6 +79,11 @@ struct Args {
     /// With --paced: how long.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// With --paced: instead of the fleet, the broker alone, as the floor under the fleet's
+    /// latency: this many plain lapin streams at once, each publishing RATE persistent
+    /// messages a second to its own quorum queue and consuming them, timed publish to delivery.
+    #[arg(long, requires = "paced")]
+    hops: Option<usize>,
     /// Instead of the comparison: the worker model (compute tasks with 1 and 2 workers, 100 ms
     /// I/O tasks from one consumer, both at once).
     #[arg(long)]
@@ -114,6 +121,9 @@ fn main() -> anyhow::Result<()> {
     let owned = settings_of(&args);
     let extra = borrowed(&owned);
     if let Some(rate) = args.paced {
+        if let Some(streams) = args.hops {
+            return runtime.block_on(hops(&Vhost::new(), streams, rate, args.seconds));
+        }
         return runtime.block_on(paced(&Vhost::new(), rate, args.seconds, &extra));
     }
     if args.workers {
@@ -834,6 +844,108 @@ async fn paced(
     );
     println!(
         "fleet-bench paced rate={rate} tasks={tasks} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        quantile(&ms, 0.50),
+        quantile(&ms, 0.90),
+        quantile(&ms, 0.99),
+        quantile(&ms, 1.0),
+    );
+    Ok(())
+}
+
+/// The broker's own hop: `streams` plain lapin publishers at once, each sending `rate` persistent
+/// messages a second (with confirms) to a quorum queue of its own, read by a consumer on another
+/// connection that acks each; prints publish-to-delivery latency over all streams. A fleet task
+/// at a paced rate crosses two such queues (tasks, then results), so `--streams 2` at the same
+/// rate carries the broker load of the fleet's run.
+async fn hops(vhost: &Vhost, streams: usize, rate: u64, seconds: u64) -> anyhow::Result<()> {
+    let url = vhost.settings(&[]).amqp_uri()?.to_string();
+    let messages = rate * seconds;
+    let started = Instant::now();
+    let mut runs = tokio::task::JoinSet::new();
+    for stream in 0..streams {
+        let url = url.clone();
+        runs.spawn(async move {
+            let connect = || Connection::connect(&url, ConnectionProperties::default());
+            let (publisher, reader) = (connect().await?, connect().await?);
+            let queue = format!("bench.hop.{stream}");
+            let publish = publisher.create_channel().await?;
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            };
+            publish
+                .queue_declare(queue.as_str().into(), durable, quorum())
+                .await?;
+            publish
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            let read = reader.create_channel().await?;
+            read.basic_qos(100, BasicQosOptions::default()).await?;
+            let mut deliveries = read
+                .basic_consume(
+                    queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let timing = tokio::spawn(async move {
+                let mut ms = Vec::with_capacity(usize::try_from(messages).unwrap_or(0));
+                while (ms.len() as u64) < messages {
+                    let Some(delivery) = deliveries.next().await else {
+                        bail!("the delivery stream ended");
+                    };
+                    let delivery = delivery?;
+                    let sent: u64 = std::str::from_utf8(&delivery.data)?.parse()?;
+                    let now = u64::try_from(started.elapsed().as_micros())?;
+                    ms.push(now.saturating_sub(sent) as f64 / 1000.0);
+                    delivery.ack(BasicAckOptions::default()).await?;
+                }
+                anyhow::Ok(ms)
+            });
+            let mut confirms = tokio::task::JoinSet::new();
+            let first = Instant::now();
+            for i in 0..messages {
+                tokio::time::sleep_until(
+                    (first + Duration::from_micros(i * 1_000_000 / rate)).into(),
+                )
+                .await;
+                let sent = started.elapsed().as_micros().to_string();
+                let confirm = publish
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        sent.as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await?;
+                confirms.spawn(confirm);
+            }
+            while let Some(confirmed) = confirms.join_next().await {
+                anyhow::ensure!(confirmed??.is_ack(), "a publish was nacked");
+            }
+            let ms = timing.await??;
+            publish
+                .queue_delete(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await?;
+            for connection in [publisher, reader] {
+                let _ = connection.close(200, "done".into()).await;
+            }
+            anyhow::Ok(ms)
+        });
+    }
+    let mut ms = Vec::new();
+    while let Some(stream) = runs.join_next().await {
+        ms.extend(stream??);
+    }
+    ms.sort_by(f64::total_cmp);
+    println!(
+        "fleet-bench hops streams={streams} rate={rate} messages={} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        ms.len(),
         quantile(&ms, 0.50),
         quantile(&ms, 0.90),
         quantile(&ms, 0.99),

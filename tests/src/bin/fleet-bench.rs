@@ -127,7 +127,14 @@ fn main() -> anyhow::Result<()> {
         return runtime.block_on(paced(&Vhost::new(), rate, args.seconds, &extra));
     }
     if args.workers {
-        return runtime.block_on(workers(&Vhost::new(), args.below, 600, args.rounds, 6_000));
+        return runtime.block_on(workers(
+            &Vhost::new(),
+            args.below,
+            600,
+            args.rounds,
+            6_000,
+            &extra,
+        ));
     }
     runtime.block_on(bench(args))
 }
@@ -962,6 +969,7 @@ async fn workers(
     compute_tasks: u64,
     rounds: u64,
     sleeps: u64,
+    extra: &[(&str, &str)],
 ) -> anyhow::Result<()> {
     let primes: String = (0..compute_tasks)
         .map(|_| format!("{{\"below\":{below}}}\n"))
@@ -972,12 +980,12 @@ async fn workers(
     let mut busy = [Duration::ZERO; 2];
     for round in 1..=rounds {
         for (i, workers) in ["1", "2"].into_iter().enumerate() {
-            let elapsed = compute_round(vhost, workers, below, compute_tasks, round).await?;
+            let elapsed = compute_round(vhost, workers, below, compute_tasks, round, extra).await?;
             busy[i] += elapsed;
         }
     }
     let compute_tps = busy.map(|elapsed| rate(compute_tasks * rounds, elapsed));
-    let services = Services::start(vhost, &[], None).await?;
+    let services = Services::start(vhost, extra, None).await?;
     let (warm, _, _) = services.submit("sleep", "{\"ms\":1}\n").await?;
     services.complete(&warm, 1).await?;
     let started = Instant::now();
@@ -1022,11 +1030,14 @@ async fn compute_round(
     below: u64,
     tasks: u64,
     round: u64,
+    extra: &[(&str, &str)],
 ) -> anyhow::Result<Duration> {
     let primes: String = (0..tasks)
         .map(|_| format!("{{\"below\":{below}}}\n"))
         .collect();
-    let services = Services::start(vhost, &[("FLEET_CONSUMER__WORKERS", workers)], None).await?;
+    let mut settings = extra.to_vec();
+    settings.push(("FLEET_CONSUMER__WORKERS", workers));
+    let services = Services::start(vhost, &settings, None).await?;
     // One task first: the consumer's slow start is over before the clock starts.
     let (warm, _, _) = services
         .submit("primes", &format!("{{\"below\":{below}}}\n"))

@@ -13,7 +13,7 @@
 
 use crate::metrics::Metrics;
 use crate::worker::SettleError;
-use fleet_shared::envelope::{ResultGroup, TaskResult};
+use fleet_shared::envelope::{self, EncodedResult, TaskResult};
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher};
 use tokio::sync::{mpsc, oneshot};
 
@@ -30,6 +30,8 @@ pub struct Results {
 /// A result waiting to be published, and who waits for its confirm.
 pub struct Waiting {
     result: TaskResult,
+    /// `result`, encoded for a group.
+    encoded: EncodedResult,
     confirmed: oneshot::Sender<Result<(), PublishError>>,
 }
 
@@ -61,12 +63,22 @@ impl Results {
             return Ok(self.publisher.publish(Outgoing::result(&result)).await?);
         };
         let (confirmed, outcome) = oneshot::channel();
+        let encoded = envelope::encode_result(&result);
         groups
-            .send(Waiting { result, confirmed })
+            .send(Waiting {
+                result,
+                encoded,
+                confirmed,
+            })
             .map_err(|_| SettleError::ResultsStopped)?;
         Ok(outcome.await.map_err(|_| SettleError::ResultsStopped)??)
     }
 }
+
+/// Largest body of one group message: results past it go into the next message, so results
+/// with large outputs (`exec` keeps up to `consumer.exec.max_output_bytes` of each stream) never
+/// make a message the broker would refuse. A result larger than this goes alone.
+pub const MAX_GROUP_BYTES: usize = 1 << 20;
 
 async fn publish_groups(
     publisher: Publisher,
@@ -74,21 +86,33 @@ async fn publish_groups(
     per_message: usize,
     metrics: Metrics,
 ) {
-    let mut group = Vec::with_capacity(per_message);
-    while waiting.recv_many(&mut group, per_message).await > 0 {
-        let (results, confirmed): (Vec<_>, Vec<_>) = group
-            .drain(..)
-            .map(|w: Waiting| (w.result, w.confirmed))
-            .unzip();
-        metrics.result_message();
-        let message = match results.as_slice() {
-            [alone] => Outgoing::result(alone),
-            _ => Outgoing::results(&ResultGroup::new(results)),
-        };
-        let outcome = publisher.publish(message).await;
-        for handling in confirmed {
-            // A handling that is gone (its session was lost) no longer needs to know.
-            let _ = handling.send(outcome.clone());
+    let mut ready = Vec::with_capacity(per_message);
+    while waiting.recv_many(&mut ready, per_message).await > 0 {
+        let mut group: Vec<Waiting> = Vec::new();
+        let mut bytes = 0;
+        for next in ready.drain(..) {
+            let size = next.encoded.get().len();
+            if !group.is_empty() && bytes + size > MAX_GROUP_BYTES {
+                publish(&publisher, &metrics, std::mem::take(&mut group)).await;
+                bytes = 0;
+            }
+            bytes += size;
+            group.push(next);
         }
+        publish(&publisher, &metrics, group).await;
+    }
+}
+
+/// Sends `group` as one message and tells each of its handlings how that went.
+async fn publish(publisher: &Publisher, metrics: &Metrics, group: Vec<Waiting>) {
+    metrics.result_message();
+    let message = match group.as_slice() {
+        [alone] => Outgoing::result(&alone.result),
+        _ => Outgoing::results(&group.iter().map(|w| &*w.encoded).collect::<Vec<_>>()),
+    };
+    let outcome = publisher.publish(message).await;
+    for handling in group {
+        // A handling that is gone (its session was lost) no longer needs to know.
+        let _ = handling.confirmed.send(outcome.clone());
     }
 }

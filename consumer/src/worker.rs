@@ -429,8 +429,6 @@ async fn dead_letter(
     Ok(())
 }
 
-/// Runs an I/O handler as its own task, so a panic is caught by tokio and does not take the
-/// delivery down with it. Dropping the returned future (the time limit) aborts the handler.
 /// Runs an inline handler in the delivery's own task; a panic becomes a permanent failure.
 async fn run_inline(
     future: BoxFuture<'static, Result<Value, HandlerError>>,
@@ -442,6 +440,8 @@ async fn run_inline(
     (outcome, "inline".to_owned())
 }
 
+/// Runs an I/O handler as its own task, so a panic is caught by tokio and does not take the
+/// delivery down with it. Dropping the returned future (the time limit) aborts the handler.
 async fn run_io(
     future: BoxFuture<'static, Result<Value, HandlerError>>,
     permit: Option<Slot>,

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// The envelope version this build reads and writes.
 pub const VERSION: u32 = 1;
@@ -173,6 +174,32 @@ impl ResultGroup {
     }
 }
 
+/// A result encoded once, to be sized and put into a group ([`encode_group`]) as it is.
+pub type EncodedResult = Box<RawValue>;
+
+/// Encodes `result` for a group.
+pub fn encode_result(result: &TaskResult) -> EncodedResult {
+    // As in `encode`: these types always serialise.
+    serde_json::value::to_raw_value(result).expect("envelope types always serialise")
+}
+
+/// The body of a result group holding `results` (each from [`encode_result`]), copied as they
+/// are.
+pub fn encode_group(results: &[&RawValue]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Group<'a> {
+        v: u32,
+        #[serde(rename = "type")]
+        kind_of_message: &'static str,
+        results: &'a [&'a RawValue],
+    }
+    encode(&Group {
+        v: VERSION,
+        kind_of_message: RESULTS_TYPE,
+        results,
+    })
+}
+
 /// What arrives on `fleet.results`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ResultMessage {
@@ -320,6 +347,13 @@ mod tests {
         assert_eq!(
             decode_result(&encode(&group)).expect("decodes"),
             ResultMessage::Results(vec![result("t1"), result("t2")])
+        );
+        let encoded = [encode_result(&result("t1")), encode_result(&result("t2"))];
+        let parts: Vec<&RawValue> = encoded.iter().map(|r| &**r).collect();
+        assert_eq!(
+            encode_group(&parts),
+            encode(&group),
+            "the same bytes either way"
         );
         assert!(matches!(
             decode_result(br#"{"v":1,"type":"results","results":[]}"#),

@@ -1,7 +1,7 @@
 //! A confirmed publisher: every publish is `mandatory` and persistent, and succeeds only when the
 //! broker confirms it. Up to `window` publishes wait for their confirm at once.
 
-use crate::envelope::{self, BatchManifest, ResultGroup, Task, TaskResult};
+use crate::envelope::{self, BatchManifest, Task, TaskResult};
 use crate::topology;
 use crate::trace::TraceParent;
 use chrono::Utc;
@@ -148,8 +148,9 @@ impl Outgoing {
     }
 
     /// Several results in one message for exchange `fleet.results` (`type` = `results`; each
-    /// result carries its own trace in its body).
-    pub fn results(group: &ResultGroup) -> Self {
+    /// result carries its own trace in its body), from results encoded with
+    /// [`envelope::encode_result`].
+    pub fn results(results: &[&serde_json::value::RawValue]) -> Self {
         let properties = BasicProperties::default()
             .with_type(envelope::RESULTS_TYPE.into())
             .with_content_type(envelope::CONTENT_TYPE.into())
@@ -158,7 +159,7 @@ impl Outgoing {
         Self {
             exchange: topology::RESULTS_EXCHANGE.to_owned(),
             routing_key: envelope::RESULTS_TYPE.to_owned(),
-            body: envelope::encode(group),
+            body: envelope::encode_group(results),
             properties,
         }
     }

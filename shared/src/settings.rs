@@ -106,8 +106,8 @@ pub enum QueueType {
 /// Most work queues `topology.work_queues` may ask for.
 pub const MAX_WORK_QUEUES: usize = 64;
 
-/// Most results one message may hold (`consumer.results_per_message`): with `exec` output at
-/// its 64 KiB cap twice per result, a full group stays far below the broker's message limit.
+/// Most results one message may hold (`consumer.results_per_message`). Groups are also cut at
+/// 1 MiB of JSON, so large outputs never make a message the broker would refuse.
 pub const MAX_RESULTS_PER_MESSAGE: usize = 256;
 
 /// `[topology]`: arguments of the queues every service declares.

@@ -138,7 +138,7 @@ async fn grouped_results_reach_the_store_exactly_once_in_fewer_messages() {
     let groups = peek_result_messages(&settings, waiting).await;
     let sizes: Vec<usize> = groups
         .iter()
-        .filter_map(|message| match message {
+        .filter_map(|(_, message)| match message {
             envelope::ResultMessage::Results(results) => Some(results.len()),
             _ => None,
         })
@@ -182,12 +182,84 @@ async fn grouped_results_reach_the_store_exactly_once_in_fewer_messages() {
     collector.stop().await.expect("collector drains cleanly");
 }
 
+/// A handler whose output is `kib` KiB of text.
+async fn big(payload: Value, _: TaskContext) -> Result<Value, HandlerError> {
+    let kib = payload["kib"].as_u64().unwrap_or(0);
+    Ok(json!({ "blob": "x".repeat(usize::try_from(kib * 1024).unwrap_or(0)) }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_of_large_results_is_split_below_the_message_limit() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[("FLEET_CONSUMER__RESULTS_PER_MESSAGE", "256")]);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    // 40 results of 300 KiB: 12 MB, so a group of them must be split at 1 MiB.
+    let payloads: Vec<Value> = (0..40).map(|_| json!({ "kib": 300 })).collect();
+    let receipt = submit::publish_batch(&publisher, "big", payloads)
+        .await
+        .expect("published");
+    let _ = connection.close(200, "done".into()).await;
+    let mut registry = fleet_consumer::handlers::registry(&settings).expect("built-ins");
+    registry
+        .register("big", Work::Inline, big)
+        .expect("a new kind");
+    let consumer = Service::consumer(&settings, registry);
+    // Every task's result waits in fleet.results (with the manifest) before the collector runs.
+    let waiting = eventually(
+        "40 results in fleet.results",
+        Duration::from_secs(60),
+        || async {
+            let waiting = ready(&settings, topology::RESULTS_QUEUE).await;
+            let messages = peek_result_messages(&settings, waiting).await;
+            let results: usize = messages
+                .iter()
+                .map(|(_, message)| match message {
+                    envelope::ResultMessage::Result(_) => 1,
+                    envelope::ResultMessage::Results(group) => group.len(),
+                    envelope::ResultMessage::Manifest(_) => 0,
+                })
+                .sum();
+            (results == 40).then_some(messages)
+        },
+    )
+    .await;
+    let limit = fleet_consumer::results::MAX_GROUP_BYTES;
+    assert!(
+        waiting
+            .iter()
+            .any(|(_, m)| matches!(m, envelope::ResultMessage::Results(_))),
+        "results ready together were grouped"
+    );
+    for (bytes, message) in &waiting {
+        if let envelope::ResultMessage::Results(group) = message {
+            assert!(
+                *bytes <= limit,
+                "a group of {} is {bytes} bytes, over {limit}",
+                group.len()
+            );
+        }
+    }
+    println!("40 results of 300 KiB in {} messages", waiting.len() - 1);
+
+    let collector = Service::collector(&settings);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let status = complete(&client, &receipt.batch, Duration::from_secs(60)).await;
+    assert_eq!(
+        (status.done, status.ok, status.failed, status.duplicates),
+        (40, 40, 0, 0)
+    );
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
 /// Reads (and leaves in the queue) the first `count` messages of `fleet.results`, decoded. A
 /// consumer, not `basic.get`, which a single-active-consumer quorum queue refuses.
 async fn peek_result_messages(
     settings: &fleet_shared::settings::Settings,
     count: u32,
-) -> Vec<envelope::ResultMessage> {
+) -> Vec<(usize, envelope::ResultMessage)> {
     use futures_util::StreamExt as _;
     use lapin::options::BasicConsumeOptions;
     let connection = fleet_shared::amqp::connect(settings, "test-results-reader")
@@ -210,7 +282,8 @@ async fn peek_result_messages(
             .expect("a message within 10 s")
             .expect("the stream goes on")
             .expect("a delivery");
-        messages.push(envelope::decode_result(&delivery.data).expect("a v1 message"));
+        let message = envelope::decode_result(&delivery.data).expect("a v1 message");
+        messages.push((delivery.data.len(), message));
     }
     // Unacked: closing the connection puts every one of them back.
     let _ = connection.close(200, "done".into()).await;
@@ -758,9 +831,11 @@ async fn results_and_manifests_count_only_from_their_own_exchange() {
     wrong_manifest.exchange = topology::RESULTS_EXCHANGE.to_owned();
     let genuine = Outgoing::result(&result("genuine-1"));
     let group = |ids: &[&str]| {
-        Outgoing::results(&envelope::ResultGroup::new(
-            ids.iter().map(|id| result(id)).collect(),
-        ))
+        let encoded: Vec<_> = ids
+            .iter()
+            .map(|id| envelope::encode_result(&result(id)))
+            .collect();
+        Outgoing::results(&encoded.iter().map(|r| &**r).collect::<Vec<_>>())
     };
     let genuine_group = group(&["genuine-2", "genuine-3"]);
     let mut forged_group = group(&["forged-2"]);

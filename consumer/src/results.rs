@@ -107,7 +107,7 @@ async fn publish_groups(
 async fn publish(publisher: &Publisher, metrics: &Metrics, group: Vec<Waiting>) {
     metrics.result_message();
     let message = match group.as_slice() {
-        [alone] => Outgoing::result(&alone.result),
+        [alone] => Outgoing::encoded_result(&alone.result, alone.encoded.get().into()),
         _ => Outgoing::results(&group.iter().map(|w| &*w.encoded).collect::<Vec<_>>()),
     };
     let outcome = publisher.publish(message).await;

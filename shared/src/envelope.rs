@@ -152,20 +152,21 @@ impl BatchManifest {
 
 /// Several results in one message, each as it would be published alone: what a consumer with
 /// `consumer.results_per_message` above 1 sends when more than one result is ready at once.
+/// Read as `ResultGroup` (of [`TaskResult`]s); sent with each result already encoded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ResultGroup {
+pub struct ResultGroup<R = TaskResult> {
     /// Envelope version; always [`VERSION`].
     pub v: u32,
     /// Always `"results"`.
     #[serde(rename = "type")]
     pub kind_of_message: String,
     /// The results, at least one.
-    pub results: Vec<TaskResult>,
+    pub results: Vec<R>,
 }
 
-impl ResultGroup {
+impl<R> ResultGroup<R> {
     /// A group of `results`.
-    pub fn new(results: Vec<TaskResult>) -> Self {
+    pub fn new(results: Vec<R>) -> Self {
         Self {
             v: VERSION,
             kind_of_message: RESULTS_TYPE.to_owned(),
@@ -186,18 +187,7 @@ pub fn encode_result(result: &TaskResult) -> EncodedResult {
 /// The body of a result group holding `results` (each from [`encode_result`]), copied as they
 /// are.
 pub fn encode_group(results: &[&RawValue]) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Group<'a> {
-        v: u32,
-        #[serde(rename = "type")]
-        kind_of_message: &'static str,
-        results: &'a [&'a RawValue],
-    }
-    encode(&Group {
-        v: VERSION,
-        kind_of_message: RESULTS_TYPE,
-        results,
-    })
+    encode(&ResultGroup::new(results.to_vec()))
 }
 
 /// What arrives on `fleet.results`.
@@ -254,7 +244,7 @@ pub fn decode_result(body: &[u8]) -> Result<ResultMessage, DecodeError> {
     match value.get("type").and_then(Value::as_str) {
         Some(BATCH_TYPE) => Ok(ResultMessage::Manifest(serde_json::from_value(value)?)),
         Some(RESULTS_TYPE) => {
-            let group: ResultGroup = serde_json::from_value(value)?;
+            let group: ResultGroup<TaskResult> = serde_json::from_value(value)?;
             if group.results.is_empty() {
                 return Err(DecodeError::Malformed(serde::de::Error::custom(
                     "a result group holds no results",

@@ -125,6 +125,11 @@ impl Outgoing {
     /// A result for exchange `fleet.results` (routing key = kind, for tracing only), with the
     /// result's `traceparent` as its header too.
     pub fn result(result: &TaskResult) -> Self {
+        Self::encoded_result(result, envelope::encode(result))
+    }
+
+    /// As [`Outgoing::result`], with `body` the result already encoded.
+    pub fn encoded_result(result: &TaskResult, body: Vec<u8>) -> Self {
         let mut properties = BasicProperties::default()
             .with_message_id(result.task_id.as_str().into())
             .with_type(result.kind.as_str().into())
@@ -142,7 +147,7 @@ impl Outgoing {
         Self {
             exchange: topology::RESULTS_EXCHANGE.to_owned(),
             routing_key: result.kind.clone(),
-            body: envelope::encode(result),
+            body,
             properties,
         }
     }

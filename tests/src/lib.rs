@@ -434,6 +434,11 @@ pub async fn metric(base: &str, series: &str) -> Option<f64> {
         .text()
         .await
         .ok()?;
+    metric_in(&text, series)
+}
+
+/// The value of `series` (its name and labels exactly as exposed) in a `/metrics` text.
+pub fn metric_in(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())

@@ -8,16 +8,9 @@ use fleet_shared::publisher::Outgoing;
 use fleet_shared::topology;
 use fleet_tests::node::Node;
 use fleet_tests::process::Process;
-use fleet_tests::{Vhost, complete, eventually, free_address, settings_of};
+use fleet_tests::{Vhost, complete, eventually, free_address, metric_in, settings_of};
 use serde_json::json;
 use std::time::Duration;
-
-/// The value of the series `series` (name and labels exactly as exposed) in `text`.
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
 
 /// Scrapes `/metrics` at `base`.
 async fn scrape(base: &str) -> String {
@@ -41,7 +34,7 @@ async fn assert_metrics(base: &str, expected: &[(&str, f64)]) {
     let text = scrape(base).await;
     for (series, want) in expected {
         assert_eq!(
-            value(&text, series),
+            metric_in(&text, series),
             Some(*want),
             "{series} at {base}; the scrape was:\n{text}"
         );
@@ -154,7 +147,7 @@ async fn each_service_counts_the_work_it_did() {
         Duration::from_secs(30),
         || async {
             let text = scrape(&consumer_base).await;
-            (value(
+            (metric_in(
                 &text,
                 r#"fleet_tasks_total{kind="unknown",outcome="rejected"}"#,
             ) == Some(2.0))
@@ -279,7 +272,7 @@ async fn readiness_follows_the_broker_and_liveness_does_not() {
     for base in &bases[..2] {
         let text = scrape(base).await;
         assert!(
-            value(&text, "fleet_reconnects_total").is_some_and(|n| n >= 1.0),
+            metric_in(&text, "fleet_reconnects_total").is_some_and(|n| n >= 1.0),
             "{base} counted its reconnect"
         );
     }

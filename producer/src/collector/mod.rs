@@ -20,11 +20,12 @@ use futures_util::{FutureExt as _, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::future::IntoFuture as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use store::{Store, Stored};
 use tokio_util::sync::CancellationToken;
 
@@ -154,6 +155,9 @@ struct Metrics {
     completed: Counter,
     /// `fleet_results_dead_lettered_total`: undecodable or misrouted messages on the result path.
     dead_lettered: Counter,
+    /// `fleet_store_seconds`: one group's transaction in the store, commit (and its fsync)
+    /// included.
+    store_seconds: Histogram,
 }
 
 impl Metrics {
@@ -172,6 +176,12 @@ impl Metrics {
             dead_lettered: counter(
                 "fleet_results_dead_lettered",
                 "Undecodable or misrouted messages on the result path, sent to fleet.dead",
+            ),
+            store_seconds: register(
+                registry,
+                "fleet_store_seconds",
+                "Time of one group's store transaction, commit included",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             ),
         }
     }
@@ -334,13 +344,17 @@ async fn flush(
         }
     }
     let writer = Arc::clone(writer);
+    let timer = metrics.store_seconds.clone();
     let stored = tokio::task::spawn_blocking(move || {
         let mut store = writer
             .lock()
             .map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
-        store
+        let began = Instant::now();
+        let stored = store
             .store(&messages)
-            .context("writing results to the store")
+            .context("writing results to the store");
+        timer.observe(began.elapsed().as_secs_f64());
+        stored
     })
     .await
     .context("the store thread failed")

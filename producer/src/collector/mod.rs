@@ -10,7 +10,7 @@ pub mod store;
 
 use anyhow::Context as _;
 use fleet_shared::envelope::{self, HEADER_ERROR, ResultMessage};
-use fleet_shared::observe::{Health, Observer, register};
+use fleet_shared::observe::{Common, Health, Observer, register};
 use fleet_shared::publisher::{Outgoing, Publisher, header_str};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::redact;
@@ -23,8 +23,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::future::IntoFuture as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::{Store, Stored};
 use tokio_util::sync::CancellationToken;
@@ -57,11 +57,40 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             .into_future(),
     );
 
+    // The sessions run on a thread of their own, which writes the store too: a group goes from
+    // lapin's I/O thread to this one and is committed and acked there, with no hop through the
+    // runtime's thread (which serves HTTP and runs the timers) nor to a blocking thread.
+    let runtime = tokio::runtime::Handle::current();
+    let outcome = tokio::task::spawn_blocking(move || {
+        runtime.block_on(sessions(
+            settings, writer, metrics, common, health, shutdown,
+        ))
+    })
+    .await
+    .context("the collector's thread failed")
+    .and_then(|outcome| outcome);
+    http_shutdown.cancel();
+    let _ = server.await;
+    if outcome.is_ok() {
+        tracing::info!("fleet-collector stopped");
+    }
+    outcome
+}
+
+/// Consumes and stores until `shutdown`, subscribing again after a lost session.
+async fn sessions(
+    settings: Settings,
+    mut writer: Store,
+    metrics: Metrics,
+    common: Common,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let db = &settings.collector.db;
     let prefetch =
         u16::try_from(settings.collector.batch_size.saturating_mul(2)).unwrap_or(u16::MAX);
-    let writer = Arc::new(Mutex::new(writer));
     let mut sessions = 0u64;
-    let outcome = loop {
+    loop {
         let subscription = amqp::subscribe(
             &settings,
             "fleet-collector",
@@ -115,7 +144,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             );
         };
         let ended = tokio::select! {
-            ended = collect(&mut subscription, &writer, &metrics, &pending, &settings, &shutdown) => ended,
+            ended = collect(&mut subscription, &mut writer, &metrics, &pending, &settings, &shutdown) => ended,
             () = grace_over => Ok(Ended::Shutdown),
         };
         match ended {
@@ -136,13 +165,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 break Err(error);
             }
         }
-    };
-    http_shutdown.cancel();
-    let _ = server.await;
-    if outcome.is_ok() {
-        tracing::info!("fleet-collector stopped");
     }
-    outcome
 }
 
 /// The collector's metrics, beside [`fleet_shared::observe::Common`].
@@ -205,7 +228,7 @@ enum Ended {
 /// after its first result. Fails only when the store fails.
 async fn collect(
     subscription: &mut amqp::Subscription,
-    writer: &Arc<Mutex<Store>>,
+    writer: &mut Store,
     metrics: &Metrics,
     pending: &AtomicU64,
     settings: &Settings,
@@ -307,7 +330,7 @@ fn admit(exchange: &str, message: ResultMessage) -> Result<ResultMessage, String
 /// Undecodable messages, and results or manifests from the wrong exchange, are dead-lettered
 /// (confirmed) before the ack covers them.
 async fn flush(
-    writer: &Arc<Mutex<Store>>,
+    writer: &mut Store,
     dead: &Publisher,
     metrics: &Metrics,
     group: &mut Vec<Delivery>,
@@ -343,23 +366,13 @@ async fn flush(
             }
         }
     }
-    let writer = Arc::clone(writer);
-    let timer = metrics.store_seconds.clone();
-    let stored = tokio::task::spawn_blocking(move || {
-        let mut store = writer
-            .lock()
-            .map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
-        let began = Instant::now();
-        let stored = store
-            .store(&messages)
-            .context("writing results to the store");
-        timer.observe(began.elapsed().as_secs_f64());
-        stored
-    })
-    .await
-    .context("the store thread failed")
-    .and_then(|stored| stored)
-    .map_err(Flush::Store)?;
+    // On the collector's own thread (see `run`): the commit holds up nothing else.
+    let began = Instant::now();
+    let stored = writer.store(&messages);
+    metrics.store_seconds.observe(began.elapsed().as_secs_f64());
+    let stored = stored
+        .context("writing results to the store")
+        .map_err(Flush::Store)?;
     if stored.duplicates > 0 {
         tracing::info!(duplicates = stored.duplicates, "duplicate results ignored");
     }

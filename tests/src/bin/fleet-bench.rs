@@ -227,7 +227,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let fleet_broker = per_task(broker_cpu() - broker_before);
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
-        "fleet: {} tasks in {:.2}s = {:.0} tasks/s; work queues {}; results per message {} (mean {:.1}); CPU us/task producer {:.1} consumer {:.1} collector {:.1} broker {fleet_broker:.1}; peak RSS MiB producer {:.1} consumer {:.1} collector {:.1}",
+        "fleet: {} tasks in {:.2}s = {:.0} tasks/s; work queues {}; results per message {} (mean {:.1}); results per store transaction {:.1}; CPU us/task producer {:.1} consumer {:.1} collector {:.1} broker {fleet_broker:.1}; peak RSS MiB producer {:.1} consumer {:.1} collector {:.1}",
         args.tasks,
         fleet.elapsed.as_secs_f64(),
         rate(args.tasks, fleet.elapsed),
@@ -236,6 +236,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         fleet
             .result_messages
             .map_or(f64::NAN, |messages| args.tasks as f64 / messages),
+        fleet
+            .transactions
+            .map_or(f64::NAN, |transactions| args.tasks as f64 / transactions),
         per_task(fleet.cpu_us[0]),
         per_task(fleet.cpu_us[1]),
         per_task(fleet.cpu_us[2]),
@@ -447,6 +450,8 @@ struct FleetRun {
     syscalls: Option<[u64; 3]>,
     /// Messages the consumer sent to `fleet.results` (`None` from a consumer without the metric).
     result_messages: Option<f64>,
+    /// The collector's store transactions (`None` from a collector without the metric).
+    transactions: Option<f64>,
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -782,6 +787,11 @@ async fn fleet(
     let peak_kib = [producer_peak, peak_kib(consumer), peak_kib(collector)];
     let result_messages =
         fleet_tests::metric(&services.consumer_base, "fleet_result_messages_total").await;
+    let transactions = fleet_tests::metric(
+        &services.settings.producer.collector_url,
+        "fleet_store_seconds_count",
+    )
+    .await;
     let store = services.stop()?;
     let syscalls = strace.map(|dir| {
         ["fleet-producer", "fleet-consumer", "fleet-collector"]
@@ -797,6 +807,7 @@ async fn fleet(
         peak_kib,
         syscalls,
         result_messages,
+        transactions,
     })
 }
 

@@ -24,7 +24,7 @@ bench:           ## the issue 7 figures of docs/BENCHMARKS.md against the local 
 	target/release/fleet-bench --tasks 50000 --work-queues 2
 	target/release/fleet-bench --paced 1000 --seconds 10
 	target/release/fleet-bench --paced 1000 --seconds 10 --hops 2
-	target/release/fleet-bench --workers --below 10000000
+	target/release/fleet-bench --workers
 
 SOAK ?= 5m
 soak:            ## steady load for SOAK with consumers killed and connections cut at random

@@ -88,8 +88,8 @@ struct Args {
     /// I/O tasks from one consumer, both at once).
     #[arg(long)]
     workers: bool,
-    /// With --workers: `primes` below this (about 10 ms of CPU each on the machine of
-    /// docs/BENCHMARKS.md).
+    /// With --workers: `primes` below this (11-15 ms of CPU each on the machine of
+    /// docs/BENCHMARKS.md, as fast as it was that hour).
     #[arg(long, default_value_t = 20_000_000)]
     below: u64,
     /// Run against a RabbitMQ node of the bench's own, started with these Erlang VM flags

@@ -428,13 +428,18 @@ pub async fn drain_dead(settings: &Settings) -> Vec<(String, Vec<u8>)> {
 /// The value of `series` (its name and labels exactly as exposed) in a scrape of `{base}/metrics`,
 /// or `None` if the service does not answer or has no such series.
 pub async fn metric(base: &str, series: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{base}/metrics"))
+    metric_in(&scrape(base).await?, series)
+}
+
+/// The text of `{base}/metrics`, or `None` if the service does not answer; read series from it
+/// with [`metric_in`].
+pub async fn scrape(base: &str) -> Option<String> {
+    reqwest::get(format!("{base}/metrics"))
         .await
         .ok()?
         .text()
         .await
-        .ok()?;
-    metric_in(&text, series)
+        .ok()
 }
 
 /// The value of `series` (its name and labels exactly as exposed) in a `/metrics` text.

@@ -195,16 +195,14 @@ async fn each_service_counts_the_work_it_did() {
     )
     .await;
     // Every result and the manifest went through a store transaction; several may share one.
-    let transactions = fleet_tests::metric(&collector_base, "fleet_store_seconds_count")
-        .await
-        .expect("fleet_store_seconds_count");
+    let text = scrape(&collector_base).await;
+    let transactions =
+        metric_in(&text, "fleet_store_seconds_count").expect("fleet_store_seconds_count");
     assert!(
         (1.0..=304.0).contains(&transactions),
         "store transactions: {transactions}"
     );
-    let seconds = fleet_tests::metric(&collector_base, "fleet_store_seconds_sum")
-        .await
-        .expect("fleet_store_seconds_sum");
+    let seconds = metric_in(&text, "fleet_store_seconds_sum").expect("fleet_store_seconds_sum");
     assert!(seconds > 0.0, "time in the store: {seconds}");
     assert_metrics(
         &producer_base,

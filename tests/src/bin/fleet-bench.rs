@@ -860,10 +860,12 @@ async fn paced(
     let _ = connection.close(200, "done".into()).await;
     // A result's stored time is taken as its group's transaction begins; the commit (an fsync)
     // comes after it, so its mean is shown beside the figures.
-    let collector = &services.settings.producer.collector_url;
+    let scrape = fleet_tests::scrape(&services.settings.producer.collector_url)
+        .await
+        .unwrap_or_default();
     let store_ms = match (
-        fleet_tests::metric(collector, "fleet_store_seconds_sum").await,
-        fleet_tests::metric(collector, "fleet_store_seconds_count").await,
+        fleet_tests::metric_in(&scrape, "fleet_store_seconds_sum"),
+        fleet_tests::metric_in(&scrape, "fleet_store_seconds_count"),
     ) {
         (Some(sum), Some(count)) if count > 0.0 => sum / count * 1e3,
         _ => f64::NAN,

@@ -1012,14 +1012,29 @@ async fn workers(
     let sleep: String = (0..sleeps).map(|_| "{\"ms\":100}\n").collect();
     // Rounds of 1 then 2 workers, so that a drift in this machine's speed (it shares its
     // host) falls on both alike; each figure is all its rounds' tasks over all their time.
+    // Each round also runs the same handler on plain threads, no broker and no fleet: what two
+    // threads can give on this machine at that moment, the ceiling the fleet's figure stands
+    // beside (this guest shares its host, and two threads rarely make a full 2x here).
     let mut busy = [Duration::ZERO; 2];
+    let mut bare = [Duration::ZERO; 2];
     for round in 1..=rounds {
         for (i, workers) in ["1", "2"].into_iter().enumerate() {
             let elapsed = compute_round(vhost, workers, below, compute_tasks, round, extra).await?;
             busy[i] += elapsed;
         }
+        for (i, threads) in [1, 2].into_iter().enumerate() {
+            let elapsed =
+                tokio::task::spawn_blocking(move || bare_round(threads, below, compute_tasks))
+                    .await??;
+            println!(
+                "round {round} bare threads={threads} primes below={below}: {:.1} tasks/s",
+                rate(compute_tasks, elapsed)
+            );
+            bare[i] += elapsed;
+        }
     }
     let compute_tps = busy.map(|elapsed| rate(compute_tasks * rounds, elapsed));
+    let bare_tps = bare.map(|elapsed| rate(compute_tasks * rounds, elapsed));
     let services = Services::start(vhost, extra, None).await?;
     let (warm, _, _) = services.submit("sleep", "{\"ms\":1}\n").await?;
     services.complete(&warm, 1).await?;
@@ -1048,13 +1063,57 @@ async fn workers(
     let mixed_tps = rate(compute_tasks, compute_done?);
     let mixed_io_tps = rate(sleeps, io_done?);
     services.stop()?;
+    let speedup = compute_tps[1] / compute_tps[0];
+    let bare_speedup = bare_tps[1] / bare_tps[0];
     println!(
-        "fleet-bench workers compute_tps_1={:.1} compute_tps_2={:.1} speedup={:.2} io_tps={io_tps:.0} compute_tps_beside_io={mixed_tps:.1} io_tps_beside_compute={mixed_io_tps:.0}",
+        "fleet-bench workers compute_tps_1={:.1} compute_tps_2={:.1} speedup={speedup:.2} bare_tps_1={:.1} bare_tps_2={:.1} bare_speedup={bare_speedup:.2} of_bare={:.2} io_tps={io_tps:.0} compute_tps_beside_io={mixed_tps:.1} io_tps_beside_compute={mixed_io_tps:.0}",
         compute_tps[0],
         compute_tps[1],
-        compute_tps[1] / compute_tps[0],
+        bare_tps[0],
+        bare_tps[1],
+        speedup / bare_speedup,
     );
     Ok(())
+}
+
+/// The worker model's compute half without the fleet: `tasks` runs of the `primes` handler on
+/// `threads` plain threads taking them from a shared count. Returns the time they took.
+fn bare_round(threads: u64, below: u64, tasks: u64) -> anyhow::Result<Duration> {
+    use fleet_consumer::handlers::primes;
+    use futures_util::FutureExt as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let left = AtomicU64::new(tasks);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    while left
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
+                        let ctx = fleet_consumer::registry::TaskContext {
+                            id: "bare".into(),
+                            attempt: 0,
+                            deadline: None,
+                            cancel: Default::default(),
+                        };
+                        // The handler never waits, so one poll runs it to the end.
+                        let output = primes::run(primes::Payload { below }, ctx)
+                            .now_or_never()
+                            .context("primes waited")?
+                            .map_err(|e| anyhow::anyhow!("primes failed: {e:?}"))?;
+                        anyhow::ensure!(output.count > 0, "primes counted none below {below}");
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|worker| worker.join().expect("a bare worker panicked"))
+    })?;
+    Ok(started.elapsed())
 }
 
 /// One round of the worker model's compute half: `tasks` primes with `workers` workers, after

@@ -45,8 +45,8 @@ const SEGMENT: usize = 1 << 16;
 /// Primes below `below`, or `None` if `stop` said so (it is asked before every segment).
 ///
 /// A segmented sieve over odd numbers: memory is one segment plus the primes up to the square
-/// root of `below`, not `below` bytes. Not generic over `stop`, so this crate compiles it once:
-/// fleet-bench runs the very same machine code on bare threads as the consumer's workers.
+/// root of `below`, not `below` bytes. Not generic over `stop`, so this crate compiles it once
+/// and fleet-bench's bare threads run the consumer's own code, not a copy compiled into the bench.
 fn count_primes(below: u64, stop: &dyn Fn() -> bool) -> Option<u64> {
     if below < 3 {
         return Some(0);

@@ -50,7 +50,6 @@ struct Slot {
 
 /// Where a delivery is settled: the confirmed publisher on its connection and the acker of the
 /// channel it came on.
-#[derive(Clone)]
 pub struct Settle {
     /// Retries and dead letters.
     pub publisher: Publisher,
@@ -115,7 +114,7 @@ impl Worker {
     /// Everything it logs is inside a `task` span with the task id, kind and trace id: the
     /// trace of the delivery's `traceparent`, or a new one. The span is this hop of the trace
     /// (exported with `log.otlp_endpoint`), and the result names it as its parent.
-    pub async fn handle(self: Arc<Self>, delivery: Delivery, channel: Settle) {
+    pub async fn handle(self: Arc<Self>, delivery: Delivery, channel: Arc<Settle>) {
         let span = tracing::info_span!(
             "task",
             task_id = %delivery.properties.message_id().as_ref().map_or("-", |id| id.as_str()),
@@ -129,7 +128,7 @@ impl Worker {
             .await;
     }
 
-    async fn handle_in_span(&self, delivery: Delivery, channel: Settle, trace: TraceParent) {
+    async fn handle_in_span(&self, delivery: Delivery, channel: Arc<Settle>, trace: TraceParent) {
         let _in_flight = self.metrics.handling();
         let tag = delivery.delivery_tag;
         match self.process(&delivery, &channel, trace).await {

@@ -724,9 +724,8 @@ mod tests {
 
     #[test]
     fn environment_overrides_file_which_overrides_defaults() {
-        let dir = std::env::temp_dir().join(format!("fleet-settings-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let file = dir.join("fleet.toml");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("fleet.toml");
         std::fs::write(&file, "[consumer]\nworkers = 7\nio_concurrency = 9\n").expect("write");
         let s = Settings::load_from(
             Some(&file),
@@ -776,9 +775,8 @@ mod tests {
 
     #[test]
     fn password_file_replaces_the_url_password() {
-        let dir = std::env::temp_dir().join(format!("fleet-password-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let file = dir.join("pw");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("pw");
         std::fs::write(&file, "hunter2\n").expect("write");
         let s = Settings::load_from(
             None,

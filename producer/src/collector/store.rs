@@ -299,9 +299,8 @@ mod tests {
 
     #[test]
     fn first_result_wins_and_duplicates_are_counted() {
-        let dir = std::env::temp_dir().join(format!("fleet-store-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut store = Store::open(&dir.join("r.db")).expect("open");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = Store::open(&dir.path().join("r.db")).expect("open");
         let stored = store
             .store(&[
                 result("a", "b1", Status::Ok),
@@ -352,9 +351,8 @@ mod tests {
 
     #[test]
     fn a_result_group_is_stored_like_its_results_one_by_one() {
-        let dir = std::env::temp_dir().join(format!("fleet-store-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut store = Store::open(&dir.join("r.db")).expect("open");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = Store::open(&dir.path().join("r.db")).expect("open");
         let alone = |message: ResultMessage| match message {
             ResultMessage::Result(result) => result,
             other => panic!("not a result: {other:?}"),
@@ -391,9 +389,8 @@ mod tests {
 
     #[test]
     fn the_group_with_the_last_result_completes_the_batch_once_across_reopens() {
-        let dir = std::env::temp_dir().join(format!("fleet-store-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("r.db");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("r.db");
         let mut store = Store::open(&path).expect("open");
         let manifest = ResultMessage::Manifest(BatchManifest::new("b2".into(), 3, "square".into()));
         let stored = store
@@ -420,14 +417,12 @@ mod tests {
             stored.completed.is_empty(),
             "a duplicate does not complete it again"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_database_from_before_the_counts_gets_them_from_its_results() {
-        let dir = std::env::temp_dir().join(format!("fleet-store-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("r.db");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("r.db");
         {
             let old = Connection::open(&path).expect("create");
             old.execute_batch(SCHEMA).expect("old schema");
@@ -455,6 +450,5 @@ mod tests {
         );
         drop(store);
         Store::open(&path).expect("a second open does not upgrade again");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

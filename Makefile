@@ -25,6 +25,7 @@ bench:           ## the issue 7 figures of docs/BENCHMARKS.md against the local 
 	target/release/fleet-bench --paced 1000 --seconds 10
 	target/release/fleet-bench --paced 1000 --seconds 10 --hops 2
 	target/release/fleet-bench --workers
+	target/release/fleet-bench --shapes --tasks 20000 --rounds 5
 
 SOAK ?= 5m
 soak:            ## steady load for SOAK with consumers killed and connections cut at random

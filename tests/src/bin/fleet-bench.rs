@@ -13,6 +13,8 @@
 //! taken to the microsecond, and its three legs), `--workers` (the worker model, in rounds),
 //! `--paced RATE --hops N` (the broker alone: N plain lapin streams at RATE through quorum
 //! queues, the floor under `--paced`),
+//! `--shapes` (the baseline with one feature of the fleet's messages and queues at a time: the
+//! broker's CPU per task for each; `--rounds R`, medians),
 //! `--work-queues K`, `--strace DIR` (syscalls per task), `--soak` (nothing lost under chaos),
 //! and `--own-broker ERL_ARGS` (any of these against a private node with those VM flags).
 //! `--results-per-message N` and `--set FLEET_SECTION__KEY=VALUE` set the services' settings in
@@ -24,15 +26,19 @@ use clap::Parser;
 use fleet_producer::client::CollectorClient;
 use fleet_producer::collector::store::Store;
 use fleet_producer::submit;
+use fleet_shared::envelope::{self, Status, Task, TaskResult};
+use fleet_shared::publisher::Outgoing;
 use fleet_shared::settings::Settings;
+use fleet_shared::trace::TraceParent;
 use fleet_tests::Vhost;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -96,9 +102,15 @@ struct Args {
     /// (e.g. `"+sbwt none +sbwtdcpu none +sbwtdio none"`), instead of the local broker.
     #[arg(long, value_name = "ERL_ARGS")]
     own_broker: Option<String>,
-    /// With --workers: rounds of 1 and then 2 workers (600 compute tasks each).
-    #[arg(long, default_value_t = 3, requires = "workers")]
+    /// With --workers: rounds of 1 and then 2 workers (600 compute tasks each). With --shapes:
+    /// rounds of every variant.
+    #[arg(long, default_value_t = 3)]
     rounds: u64,
+    /// Instead of the comparison: the plain pipeline with one feature of the fleet's messages
+    /// and queues at a time (exchanges, properties, user_id, bodies, mandatory, queue
+    /// arguments), then all of them, --tasks each: the broker's CPU per task for each.
+    #[arg(long)]
+    shapes: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -136,7 +148,61 @@ fn main() -> anyhow::Result<()> {
             &extra,
         ));
     }
+    if args.shapes {
+        return runtime.block_on(shapes(args.tasks, args.rounds, args.baseline_prefetch));
+    }
     runtime.block_on(bench(args))
+}
+
+/// `--shapes`: rounds of [`Shape::variants`], each in a vhost of its own; prints each run, then
+/// the median tasks/s and CPU per task of each variant over the rounds (medians, because a
+/// single run on a noisy machine can be far off).
+async fn shapes(tasks: u64, rounds: u64, prefetch: Option<u16>) -> anyhow::Result<()> {
+    let broker = broker_pid().context("the broker's pid (rabbitmqctl eval)")?;
+    let variants = Shape::variants();
+    // Per variant: tasks/s, client and broker CPU per task, one entry per round.
+    let mut runs = vec![[Vec::new(), Vec::new(), Vec::new()]; variants.len()];
+    for round in 1..=rounds {
+        // Each round starts one variant later, so none always runs first (or right after
+        // the same neighbour) on a machine whose speed drifts.
+        let start = usize::try_from(round).unwrap_or(0) % variants.len();
+        for i in (start..variants.len()).chain(0..start) {
+            let ((name, shape), figures) = (&variants[i], &mut runs[i]);
+            let vhost = Vhost::new();
+            let settings = vhost.settings(&[]);
+            let prefetch = prefetch.unwrap_or_else(|| settings.prefetch());
+            let own = || cpu_us(Path::new("/proc/self/stat"), false);
+            let (own_before, broker_before) = (own()?, pid_cpu_us(broker));
+            let elapsed = baseline(&settings, tasks, prefetch, *shape)
+                .await
+                .with_context(|| format!("shape {name}"))?;
+            let per_task = |us: f64| us / tasks as f64;
+            let client = per_task(own()? - own_before);
+            let broker = per_task(pid_cpu_us(broker) - broker_before);
+            let tps = rate(tasks, elapsed);
+            println!(
+                "round {round} {name:<10} {tasks} tasks: {tps:.0} tasks/s; CPU us/task client {client:.1} broker {broker:.1}"
+            );
+            for (figure, value) in figures.iter_mut().zip([tps, client, broker]) {
+                figure.push(value);
+            }
+        }
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        quantile(values, 0.5)
+    };
+    let plain_broker = median(&mut runs[0][2]);
+    for ((name, _), [tps, client, broker]) in variants.iter().zip(&mut runs) {
+        let broker = median(broker);
+        println!(
+            "fleet-bench shapes variant={name} rounds={rounds} tps={:.0} client_us={:.1} broker_us={broker:.1} broker_over_plain_us={:.1}",
+            median(tps),
+            median(client),
+            broker - plain_broker,
+        );
+    }
+    Ok(())
 }
 
 /// Starts a private node and runs this bench again against it (the same arguments but
@@ -206,7 +272,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let broker = broker_pid();
     let broker_cpu = || broker.map_or(f64::NAN, pid_cpu_us);
     let (own_before, broker_before) = (cpu_us(Path::new("/proc/self/stat"), false)?, broker_cpu());
-    let baseline = baseline(&settings, args.tasks, prefetch)
+    let baseline = baseline(&settings, args.tasks, prefetch, Shape::default())
         .await
         .context("baseline")?;
     let per_task = |us: f64| us / args.tasks as f64;
@@ -317,10 +383,168 @@ fn quorum() -> FieldTable {
     args
 }
 
+/// What the plain pipeline's messages borrow from the fleet's, one thing at a time, for
+/// `--shapes`: where the broker's extra work per fleet task comes from. The default is the
+/// plain baseline of the comparison.
+#[derive(Debug, Clone, Copy, Default)]
+struct Shape {
+    /// Tasks through a topic exchange bound with `#`, results through a fanout exchange, as
+    /// `fleet.tasks` and `fleet.results` (instead of the default exchange).
+    exchanges: bool,
+    /// The fleet's AMQP properties and headers on tasks and results.
+    properties: bool,
+    /// AMQP `user_id` on every message (the broker checks it against the login).
+    user_id: bool,
+    /// The fleet's JSON bodies (a `square` task, its result) instead of a few digits.
+    bodies: bool,
+    /// Every publish `mandatory`.
+    mandatory: bool,
+    /// The fleet's queue arguments: delivery limit and dead-letter exchange on the task queue,
+    /// single active consumer on the result queue.
+    queue_args: bool,
+}
+
+impl Shape {
+    const ALL: Self = Self {
+        exchanges: true,
+        properties: true,
+        user_id: true,
+        bodies: true,
+        mandatory: true,
+        queue_args: true,
+    };
+
+    /// Each variant `--shapes` runs: the plain pipeline, each feature alone, all of them.
+    fn variants() -> [(&'static str, Self); 8] {
+        let only = |set: fn(&mut Self)| {
+            let mut shape = Self::default();
+            set(&mut shape);
+            shape
+        };
+        [
+            ("plain", Self::default()),
+            ("exchanges", only(|s| s.exchanges = true)),
+            ("properties", only(|s| s.properties = true)),
+            ("user_id", only(|s| s.user_id = true)),
+            ("bodies", only(|s| s.bodies = true)),
+            ("mandatory", only(|s| s.mandatory = true)),
+            ("queue_args", only(|s| s.queue_args = true)),
+            ("all", Self::ALL),
+        ]
+    }
+}
+
+/// What a shape's pipeline sends: a fleet `square` task and its result, built once and sent
+/// for every task where the shape borrows their bodies or properties (the broker does not look
+/// at ids), so that every variant's clients do about the same work per task and the broker's
+/// figures differ by the messages alone.
+struct Messages {
+    shape: Shape,
+    task: Outgoing,
+    result: Outgoing,
+    user: String,
+}
+
+impl Messages {
+    fn new(shape: Shape, user: String) -> Self {
+        let trace = TraceParent::root();
+        let batch = uuid::Uuid::now_v7().to_string();
+        let task = Task::new(
+            uuid::Uuid::now_v7().to_string(),
+            "square".to_owned(),
+            Some(batch.clone()),
+            serde_json::json!({ "n": 3411 }),
+        );
+        let now = chrono::Utc::now();
+        let result = TaskResult {
+            v: envelope::VERSION,
+            task_id: task.id.clone(),
+            batch: Some(batch),
+            kind: "square".to_owned(),
+            status: Status::Ok,
+            output: Some(serde_json::json!({ "n": 3411, "square": 11_634_921 })),
+            error: None,
+            attempts: 1,
+            worker: format!("{}/0", fleet_shared::status::process_id()),
+            started_at: now,
+            finished_at: now,
+            published_by: Some(user.clone()),
+            traceparent: Some(trace.to_string()),
+        };
+        Self {
+            shape,
+            task: Outgoing::task(&task).traced(&trace),
+            result: Outgoing::result(&result),
+            user,
+        }
+    }
+
+    /// Body and properties (persistent) of task `n`.
+    fn task(&self, n: u64) -> (Vec<u8>, BasicProperties) {
+        self.message(&self.task, || n.to_string().into_bytes())
+    }
+
+    /// Body and properties (persistent) of the result of a task whose body was `task`.
+    fn result(&self, task: &[u8]) -> (Vec<u8>, BasicProperties) {
+        self.message(&self.result, || {
+            let n: u64 = std::str::from_utf8(task)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            format!("{n} {}", n.wrapping_mul(n)).into_bytes()
+        })
+    }
+
+    fn message(
+        &self,
+        fleet: &Outgoing,
+        plain_body: impl FnOnce() -> Vec<u8>,
+    ) -> (Vec<u8>, BasicProperties) {
+        let body = if self.shape.bodies {
+            fleet.body.clone()
+        } else {
+            plain_body()
+        };
+        let properties = if self.shape.properties {
+            fleet.properties.clone()
+        } else {
+            BasicProperties::default()
+        };
+        let mut properties = properties.with_delivery_mode(2);
+        if self.shape.user_id {
+            properties = properties.with_user_id(self.user.as_str().into());
+        }
+        (body, properties)
+    }
+}
+
+/// The arguments of the shape's task queue (`of_tasks`) or result queue: quorum, and the
+/// fleet's when the shape says so.
+fn queue_args(shape: Shape, of_tasks: bool) -> FieldTable {
+    let mut args = quorum();
+    if shape.queue_args && of_tasks {
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(20));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("bench.dead".into()),
+        );
+    } else if shape.queue_args {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    args
+}
+
 /// Plain lapin: publish N persistent tasks with <= 1024 confirms outstanding; a consumer
 /// publishes one confirmed result per task, then acks; a result reader acks each result.
-async fn baseline(settings: &Settings, tasks: u64, prefetch: u16) -> anyhow::Result<Duration> {
+/// `shape` gives the messages and queues features of the fleet's (none for the comparison).
+async fn baseline(
+    settings: &Settings,
+    tasks: u64,
+    prefetch: u16,
+    shape: Shape,
+) -> anyhow::Result<Duration> {
     let url = settings.amqp_uri()?.to_string();
+    let user = settings.broker_user().unwrap_or_default();
     let connect = || Connection::connect(&url, ConnectionProperties::default());
     let (producer, worker, reader) = (connect().await?, connect().await?, connect().await?);
     let setup = producer.create_channel().await?;
@@ -328,10 +552,42 @@ async fn baseline(settings: &Settings, tasks: u64, prefetch: u16) -> anyhow::Res
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    for queue in ["bench.tasks", "bench.results"] {
-        setup.queue_declare(queue.into(), durable, quorum()).await?;
+    for (queue, of_tasks) in [("bench.tasks", true), ("bench.results", false)] {
+        setup
+            .queue_declare(queue.into(), durable, queue_args(shape, of_tasks))
+            .await?;
     }
-    let persistent = || BasicProperties::default().with_delivery_mode(2);
+    // Exchanges named as the queues they feed, as fleet.results is.
+    let ((task_exchange, task_key), (result_exchange, result_key)) = if shape.exchanges {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        for (name, kind, key) in [
+            ("bench.tasks", ExchangeKind::Topic, "#"),
+            ("bench.results", ExchangeKind::Fanout, ""),
+        ] {
+            setup
+                .exchange_declare(name.into(), kind, durable, FieldTable::default())
+                .await?;
+            setup
+                .queue_bind(
+                    name.into(),
+                    name.into(),
+                    key.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        (("bench.tasks", "square"), ("bench.results", "square"))
+    } else {
+        (("", "bench.tasks"), ("", "bench.results"))
+    };
+    let options = BasicPublishOptions {
+        mandatory: shape.mandatory,
+        ..BasicPublishOptions::default()
+    };
 
     let work_in = worker.create_channel().await?;
     work_in
@@ -349,23 +605,23 @@ async fn baseline(settings: &Settings, tasks: u64, prefetch: u16) -> anyhow::Res
             FieldTable::default(),
         )
         .await?;
+    let messages = std::sync::Arc::new(Messages::new(shape, user));
+    let for_results = std::sync::Arc::clone(&messages);
+    let work_tag = deliveries.tag();
     let work = tokio::spawn(async move {
         while let Some(delivery) = deliveries.next().await {
             let delivery = delivery?;
             let out = work_out.clone();
+            let messages = std::sync::Arc::clone(&for_results);
             tokio::spawn(async move {
-                let n: u64 = std::str::from_utf8(&delivery.data)
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                let body = format!("{n} {}", n.wrapping_mul(n));
+                let (body, properties) = messages.result(&delivery.data);
                 let confirm = out
                     .basic_publish(
-                        "".into(),
-                        "bench.results".into(),
-                        BasicPublishOptions::default(),
-                        body.as_bytes(),
-                        BasicProperties::default().with_delivery_mode(2),
+                        result_exchange.into(),
+                        result_key.into(),
+                        options,
+                        &body,
+                        properties,
                     )
                     .await;
                 if let Ok(confirm) = confirm
@@ -400,13 +656,14 @@ async fn baseline(settings: &Settings, tasks: u64, prefetch: u16) -> anyhow::Res
             if pending.len() >= 1024 {
                 pending.next().await;
             }
+            let (body, properties) = messages.task(n);
             let confirm = publish
                 .basic_publish(
-                    "".into(),
-                    "bench.tasks".into(),
-                    BasicPublishOptions::default(),
-                    n.to_string().as_bytes(),
-                    persistent(),
+                    task_exchange.into(),
+                    task_key.into(),
+                    options,
+                    &body,
+                    properties,
                 )
                 .await?;
             pending.push(confirm);
@@ -425,15 +682,30 @@ async fn baseline(settings: &Settings, tasks: u64, prefetch: u16) -> anyhow::Res
     }
     let elapsed = started.elapsed();
     publishing.await??;
-    work.abort();
+    // Both consumers cancelled, then their connections closed, before the queues go: a queue
+    // deleted under a consumer makes the broker cancel it, which lapin logs as an error.
+    work_in
+        .basic_cancel(work_tag, BasicCancelOptions::default())
+        .await?;
+    read.basic_cancel(results.tag(), BasicCancelOptions::default())
+        .await?;
+    work.await??;
+    for connection in [worker, reader] {
+        let _ = connection.close(200, "done".into()).await;
+    }
     for queue in ["bench.tasks", "bench.results"] {
         setup
             .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
             .await?;
     }
-    for connection in [producer, worker, reader] {
-        let _ = connection.close(200, "done".into()).await;
+    if shape.exchanges {
+        for exchange in ["bench.tasks", "bench.results"] {
+            setup
+                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
     }
+    let _ = producer.close(200, "done".into()).await;
     Ok(elapsed)
 }
 
@@ -526,6 +798,30 @@ fn broker_pid() -> Option<u32> {
         .output()
         .ok()?;
     String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+}
+
+/// The broker's CPU over a stretch of wall time, in cores (NaN when its pid is unknown).
+struct BrokerBusy {
+    pid: Option<u32>,
+    cpu_us: f64,
+    since: Instant,
+}
+
+impl BrokerBusy {
+    fn start() -> Self {
+        let pid = broker_pid();
+        Self {
+            pid,
+            cpu_us: pid.map_or(f64::NAN, pid_cpu_us),
+            since: Instant::now(),
+        }
+    }
+
+    /// Broker CPU seconds per second since [`BrokerBusy::start`].
+    fn cores(&self) -> f64 {
+        let now = self.pid.map_or(f64::NAN, pid_cpu_us);
+        (now - self.cpu_us) / 1e6 / self.since.elapsed().as_secs_f64()
+    }
 }
 
 /// The process a `strace` child runs (its only child), or the child itself.
@@ -845,6 +1141,7 @@ async fn paced(
     publisher.publish(manifest).await?;
     let mut submitted = std::collections::HashMap::with_capacity(receipt.task_ids.len());
     let mut confirms = tokio::task::JoinSet::new();
+    let busy = BrokerBusy::start();
     let started = Instant::now();
     for (i, (message, id)) in messages.zip(&receipt.task_ids).enumerate() {
         let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
@@ -857,6 +1154,7 @@ async fn paced(
         confirmed??;
     }
     services.complete(&receipt.batch, tasks).await?;
+    let broker_cores = busy.cores();
     let _ = connection.close(200, "done".into()).await;
     // A result's stored time is taken as its group's transaction begins; the commit (an fsync)
     // comes after it, so its mean is shown beside the figures.
@@ -885,7 +1183,7 @@ async fn paced(
     );
     println!("store transaction (commit included, after the stored time) mean {store_ms:.2} ms");
     println!(
-        "fleet-bench paced rate={rate} tasks={tasks} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} store_mean_ms={store_ms:.2}",
+        "fleet-bench paced rate={rate} tasks={tasks} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} store_mean_ms={store_ms:.2} broker_cores={broker_cores:.2}",
         quantile(&ms, 0.50),
         quantile(&ms, 0.90),
         quantile(&ms, 0.99),
@@ -902,6 +1200,7 @@ async fn paced(
 async fn hops(vhost: &Vhost, streams: usize, rate: u64, seconds: u64) -> anyhow::Result<()> {
     let url = vhost.settings(&[]).amqp_uri()?.to_string();
     let messages = rate * seconds;
+    let busy = BrokerBusy::start();
     let started = Instant::now();
     let mut runs = tokio::task::JoinSet::new();
     for stream in 0..streams {
@@ -984,9 +1283,10 @@ async fn hops(vhost: &Vhost, streams: usize, rate: u64, seconds: u64) -> anyhow:
     while let Some(stream) = runs.join_next().await {
         ms.extend(stream??);
     }
+    let broker_cores = busy.cores();
     ms.sort_by(f64::total_cmp);
     println!(
-        "fleet-bench hops streams={streams} rate={rate} messages={} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        "fleet-bench hops streams={streams} rate={rate} messages={} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} broker_cores={broker_cores:.2}",
         ms.len(),
         quantile(&ms, 0.50),
         quantile(&ms, 0.90),
@@ -1137,9 +1437,7 @@ async fn compute_round(
         .submit("primes", &format!("{{\"below\":{below}}}\n"))
         .await?;
     services.complete(&warm, 1).await?;
-    let broker = broker_pid();
-    let broker_before = broker.map_or(f64::NAN, pid_cpu_us);
-    let started = Instant::now();
+    let busy = BrokerBusy::start();
     let started_us = chrono::Utc::now().timestamp_micros();
     let (batch, _, _) = services.submit("primes", &primes).await?;
     // The round ends when its last result is stored (read from the store below), not when a
@@ -1147,8 +1445,8 @@ async fn compute_round(
     services
         .complete_polling(&batch, tasks, Duration::from_millis(250))
         .await?;
-    let broker_after = broker.map_or(f64::NAN, pid_cpu_us);
-    let polled = started.elapsed();
+    // Cores the broker kept busy meanwhile: it shares this machine's cores.
+    let broker_cores = busy.cores();
     let store = services.stop()?;
     let last_stored_us = store
         .stored_times(&batch)?
@@ -1157,8 +1455,6 @@ async fn compute_round(
         .max()
         .context("stored results")?;
     let elapsed = Duration::from_micros(u64::try_from(last_stored_us - started_us)?);
-    // Cores the broker kept busy meanwhile: it shares this machine's cores.
-    let broker_cores = (broker_after - broker_before) / 1e6 / polled.as_secs_f64();
     let results: Vec<_> = store
         .results(&batch, 0, tasks)?
         .iter()

@@ -158,7 +158,7 @@ fn main() -> anyhow::Result<()> {
 /// the median tasks/s and CPU per task of each variant over the rounds (medians, because a
 /// single run on a noisy machine can be far off).
 async fn shapes(tasks: u64, rounds: u64, prefetch: Option<u16>) -> anyhow::Result<()> {
-    let broker = broker_pid().context("the broker's pid (rabbitmqctl eval)")?;
+    let broker = Some(broker_pid().context("the broker's pid (rabbitmqctl eval)")?);
     let variants = Shape::variants();
     // Per variant: tasks/s, client and broker CPU per task, one entry per round.
     let mut runs = vec![[Vec::new(), Vec::new(), Vec::new()]; variants.len()];
@@ -171,19 +171,18 @@ async fn shapes(tasks: u64, rounds: u64, prefetch: Option<u16>) -> anyhow::Resul
             let vhost = Vhost::new();
             let settings = vhost.settings(&[]);
             let prefetch = prefetch.unwrap_or_else(|| settings.prefetch());
-            let own = || cpu_us(Path::new("/proc/self/stat"), false);
-            let (own_before, broker_before) = (own()?, pid_cpu_us(broker));
+            let (own_before, busy) = (own_cpu_us()?, BrokerBusy::of(broker));
             let elapsed = baseline(&settings, tasks, prefetch, *shape)
                 .await
                 .with_context(|| format!("shape {name}"))?;
             let per_task = |us: f64| us / tasks as f64;
-            let client = per_task(own()? - own_before);
-            let broker = per_task(pid_cpu_us(broker) - broker_before);
+            let client = per_task(own_cpu_us()? - own_before);
+            let broker_us = per_task(busy.cpu_us());
             let tps = rate(tasks, elapsed);
             println!(
-                "round {round} {name:<10} {tasks} tasks: {tps:.0} tasks/s; CPU us/task client {client:.1} broker {broker:.1}"
+                "round {round} {name:<10} {tasks} tasks: {tps:.0} tasks/s; CPU us/task client {client:.1} broker {broker_us:.1}"
             );
-            for (figure, value) in figures.iter_mut().zip([tps, client, broker]) {
+            for (figure, value) in figures.iter_mut().zip([tps, client, broker_us]) {
                 figure.push(value);
             }
         }
@@ -270,14 +269,13 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .baseline_prefetch
         .unwrap_or_else(|| settings.prefetch());
     let broker = broker_pid();
-    let broker_cpu = || broker.map_or(f64::NAN, pid_cpu_us);
-    let (own_before, broker_before) = (cpu_us(Path::new("/proc/self/stat"), false)?, broker_cpu());
+    let (own_before, busy) = (own_cpu_us()?, BrokerBusy::of(broker));
     let baseline = baseline(&settings, args.tasks, prefetch, Shape::default())
         .await
         .context("baseline")?;
     let per_task = |us: f64| us / args.tasks as f64;
-    let baseline_cpu = per_task(cpu_us(Path::new("/proc/self/stat"), false)? - own_before);
-    let baseline_broker = per_task(broker_cpu() - broker_before);
+    let baseline_cpu = per_task(own_cpu_us()? - own_before);
+    let baseline_broker = per_task(busy.cpu_us());
     println!(
         "baseline: {} tasks in {:.2}s = {:.0} tasks/s; prefetch {prefetch}; CPU us/task client {baseline_cpu:.1} broker {baseline_broker:.1}",
         args.tasks,
@@ -286,11 +284,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     );
     let owned = settings_of(&args);
     let extra = borrowed(&owned);
-    let broker_before = broker_cpu();
+    let busy = BrokerBusy::of(broker);
     let fleet = fleet(&vhost, args.tasks, &extra, args.strace.as_deref())
         .await
         .context("fleet")?;
-    let fleet_broker = per_task(broker_cpu() - broker_before);
+    let fleet_broker = per_task(busy.cpu_us());
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
         "fleet: {} tasks in {:.2}s = {:.0} tasks/s; work queues {}; results per message {} (mean {:.1}); results per store transaction {:.1}; CPU us/task producer {:.1} consumer {:.1} collector {:.1} broker {fleet_broker:.1}; peak RSS MiB producer {:.1} consumer {:.1} collector {:.1}",
@@ -800,27 +798,41 @@ fn broker_pid() -> Option<u32> {
     String::from_utf8(out.stdout).ok()?.trim().parse().ok()
 }
 
-/// The broker's CPU over a stretch of wall time, in cores (NaN when its pid is unknown).
+/// This process's CPU (user + sys) so far, in microseconds.
+fn own_cpu_us() -> anyhow::Result<f64> {
+    cpu_us(Path::new("/proc/self/stat"), false)
+}
+
+/// The broker's CPU from a moment on (NaN when its pid is unknown).
 struct BrokerBusy {
     pid: Option<u32>,
-    cpu_us: f64,
+    cpu_us_then: f64,
     since: Instant,
 }
 
 impl BrokerBusy {
+    /// From now, finding the broker's pid first (`rabbitmqctl eval`, about a second).
     fn start() -> Self {
-        let pid = broker_pid();
+        Self::of(broker_pid())
+    }
+
+    /// From now, for the broker process `pid`.
+    fn of(pid: Option<u32>) -> Self {
         Self {
             pid,
-            cpu_us: pid.map_or(f64::NAN, pid_cpu_us),
+            cpu_us_then: pid.map_or(f64::NAN, pid_cpu_us),
             since: Instant::now(),
         }
     }
 
-    /// Broker CPU seconds per second since [`BrokerBusy::start`].
+    /// The broker's CPU (user + sys) since then, in microseconds.
+    fn cpu_us(&self) -> f64 {
+        self.pid.map_or(f64::NAN, pid_cpu_us) - self.cpu_us_then
+    }
+
+    /// Broker CPU seconds per second since then.
     fn cores(&self) -> f64 {
-        let now = self.pid.map_or(f64::NAN, pid_cpu_us);
-        (now - self.cpu_us) / 1e6 / self.since.elapsed().as_secs_f64()
+        self.cpu_us() / 1e6 / self.since.elapsed().as_secs_f64()
     }
 }
 

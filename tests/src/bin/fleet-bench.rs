@@ -10,7 +10,9 @@
 //! timestamp (millisecond precision) to the collector's commit time.
 //!
 //! Other modes (docs/BENCHMARKS.md): `--paced RATE` (latency at a steady rate, submit time
-//! taken to the microsecond, and its three legs), `--workers` (the worker model, in rounds),
+//! taken to the microsecond, and its three legs; then in the same run the baseline at that rate,
+//! with plain messages and with the fleet's), `--workers` (the worker model, in rounds, with the
+//! cores each process kept busy),
 //! `--paced RATE --hops N` (the broker alone: N plain lapin streams at RATE through quorum
 //! queues, the floor under `--paced`),
 //! `--shapes` (the baseline with one feature of the fleet's messages and queues at a time: the
@@ -79,7 +81,8 @@ struct Args {
     /// report syscalls per task; times and CPU are then not comparable.
     #[arg(long)]
     strace: Option<PathBuf>,
-    /// Instead of the comparison: latency at this many tasks a second, for --seconds.
+    /// Instead of the comparison: latency at this many tasks a second, for --seconds; then the
+    /// baseline at the same rate, with plain messages and with the fleet's.
     #[arg(long)]
     paced: Option<u64>,
     /// With --paced: how long.
@@ -172,7 +175,7 @@ async fn shapes(tasks: u64, rounds: u64, prefetch: Option<u16>) -> anyhow::Resul
             let settings = vhost.settings(&[]);
             let prefetch = prefetch.unwrap_or_else(|| settings.prefetch());
             let (own_before, busy) = (own_cpu_us()?, BrokerBusy::of(broker));
-            let elapsed = baseline(&settings, tasks, prefetch, *shape)
+            let (elapsed, _) = baseline(&settings, tasks, prefetch, *shape, None)
                 .await
                 .with_context(|| format!("shape {name}"))?;
             let per_task = |us: f64| us / tasks as f64;
@@ -270,7 +273,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| settings.prefetch());
     let broker = broker_pid();
     let (own_before, busy) = (own_cpu_us()?, BrokerBusy::of(broker));
-    let baseline = baseline(&settings, args.tasks, prefetch, Shape::default())
+    let (baseline, _) = baseline(&settings, args.tasks, prefetch, Shape::default(), None)
         .await
         .context("baseline")?;
     let per_task = |us: f64| us / args.tasks as f64;
@@ -441,10 +444,13 @@ struct Messages {
     task: Outgoing,
     result: Outgoing,
     user: String,
+    /// Paced runs time each task: its number goes in the task's `message_id` (36 digits, the
+    /// length of the fleet's ids) and comes back in its result's `correlation_id`.
+    numbered: bool,
 }
 
 impl Messages {
-    fn new(shape: Shape, user: String) -> Self {
+    fn new(shape: Shape, user: String, numbered: bool) -> Self {
         let trace = TraceParent::root();
         let batch = uuid::Uuid::now_v7().to_string();
         let task = Task::new(
@@ -474,23 +480,37 @@ impl Messages {
             task: Outgoing::task(&task).traced(&trace),
             result: Outgoing::result(&result),
             user,
+            numbered,
         }
     }
 
     /// Body and properties (persistent) of task `n`.
     fn task(&self, n: u64) -> (Vec<u8>, BasicProperties) {
-        self.message(&self.task, || n.to_string().into_bytes())
+        let (body, properties) = self.message(&self.task, || n.to_string().into_bytes());
+        if self.numbered {
+            return (body, properties.with_message_id(format!("{n:036}").into()));
+        }
+        (body, properties)
     }
 
-    /// Body and properties (persistent) of the result of a task whose body was `task`.
-    fn result(&self, task: &[u8]) -> (Vec<u8>, BasicProperties) {
-        self.message(&self.result, || {
-            let n: u64 = std::str::from_utf8(task)
+    /// Body and properties (persistent) of the result of `task`.
+    fn result(&self, task: &lapin::message::Delivery) -> (Vec<u8>, BasicProperties) {
+        let (body, properties) = self.message(&self.result, || {
+            let n: u64 = std::str::from_utf8(&task.data)
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
             format!("{n} {}", n.wrapping_mul(n)).into_bytes()
-        })
+        });
+        match task.properties.message_id() {
+            Some(id) if self.numbered => (body, properties.with_correlation_id(id.clone())),
+            _ => (body, properties),
+        }
+    }
+
+    /// The number of the task whose result has these properties (paced runs).
+    fn number_of(result: &BasicProperties) -> Option<usize> {
+        result.correlation_id().as_ref()?.as_str().parse().ok()
     }
 
     fn message(
@@ -535,12 +555,15 @@ fn queue_args(shape: Shape, of_tasks: bool) -> FieldTable {
 /// Plain lapin: publish N persistent tasks with <= 1024 confirms outstanding; a consumer
 /// publishes one confirmed result per task, then acks; a result reader acks each result.
 /// `shape` gives the messages and queues features of the fleet's (none for the comparison).
+/// With `pace`, tasks go out at that many a second and each task's time from its publish to
+/// its result's arrival is returned (in ms, in arrival order).
 async fn baseline(
     settings: &Settings,
     tasks: u64,
     prefetch: u16,
     shape: Shape,
-) -> anyhow::Result<Duration> {
+    pace: Option<u64>,
+) -> anyhow::Result<(Duration, Vec<f64>)> {
     let url = settings.amqp_uri()?.to_string();
     let user = settings.broker_user().unwrap_or_default();
     let connect = || Connection::connect(&url, ConnectionProperties::default());
@@ -603,7 +626,7 @@ async fn baseline(
             FieldTable::default(),
         )
         .await?;
-    let messages = std::sync::Arc::new(Messages::new(shape, user));
+    let messages = std::sync::Arc::new(Messages::new(shape, user, pace.is_some()));
     let for_results = std::sync::Arc::clone(&messages);
     let work_tag = deliveries.tag();
     let work = tokio::spawn(async move {
@@ -612,7 +635,7 @@ async fn baseline(
             let out = work_out.clone();
             let messages = std::sync::Arc::clone(&for_results);
             tokio::spawn(async move {
-                let (body, properties) = messages.result(&delivery.data);
+                let (body, properties) = messages.result(&delivery);
                 let confirm = out
                     .basic_publish(
                         result_exchange.into(),
@@ -643,6 +666,11 @@ async fn baseline(
         )
         .await?;
 
+    // With a pace: each task's publish time, µs after `started`, by task number.
+    let sent: std::sync::Arc<[std::sync::atomic::AtomicU64]> = (0..pace.map_or(0, |_| tasks))
+        .map(|_| std::sync::atomic::AtomicU64::new(0))
+        .collect();
+    let sent_at = std::sync::Arc::clone(&sent);
     let started = Instant::now();
     let publish = producer.create_channel().await?;
     publish
@@ -653,6 +681,16 @@ async fn baseline(
         for n in 0..tasks {
             if pending.len() >= 1024 {
                 pending.next().await;
+            }
+            if let Some(rate) = pace {
+                let due = started + Duration::from_micros(n * 1_000_000 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                if let Some(at) = usize::try_from(n).ok().and_then(|i| sent_at.get(i)) {
+                    at.store(
+                        u64::try_from(started.elapsed().as_micros())?,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
             }
             let (body, properties) = messages.task(n);
             let confirm = publish
@@ -670,12 +708,22 @@ async fn baseline(
         anyhow::Ok(())
     });
     let mut seen = 0;
+    let mut ms = Vec::with_capacity(sent.len());
     while seen < tasks {
         let Some(delivery) = tokio::time::timeout(Duration::from_secs(60), results.next()).await?
         else {
             bail!("result stream ended");
         };
-        delivery?.ack(BasicAckOptions::default()).await?;
+        let delivery = delivery?;
+        if pace.is_some() {
+            let at = Messages::number_of(&delivery.properties)
+                .and_then(|n| sent.get(n))
+                .context("a result without its task's number")?
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let now = u64::try_from(started.elapsed().as_micros())?;
+            ms.push(now.saturating_sub(at) as f64 / 1000.0);
+        }
+        delivery.ack(BasicAckOptions::default()).await?;
         seen += 1;
     }
     let elapsed = started.elapsed();
@@ -704,7 +752,7 @@ async fn baseline(
         }
     }
     let _ = producer.close(200, "done".into()).await;
-    Ok(elapsed)
+    Ok((elapsed, ms))
 }
 
 /// Figures of one fleet batch.
@@ -782,6 +830,44 @@ fn cpu_us(stat: &Path, children: bool) -> anyhow::Result<f64> {
 
 fn pid_cpu_us(pid: u32) -> f64 {
     cpu_us(&PathBuf::from(format!("/proc/{pid}/stat")), false).unwrap_or(0.0)
+}
+
+/// CPU (user + sys) of `pid`'s threads so far, in µs: those named `fleet-worker-*` (the
+/// compute pool) and all the others.
+fn pool_and_rest_cpu_us(pid: u32) -> (f64, f64) {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0.0, 0.0);
+    };
+    threads.flatten().fold((0.0, 0.0), |(pool, rest), thread| {
+        let dir = thread.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let us = cpu_us(&dir.join("stat"), false).unwrap_or(0.0);
+        if name.starts_with("fleet-worker-") {
+            (pool + us, rest)
+        } else {
+            (pool, rest + us)
+        }
+    })
+}
+
+/// This machine's idle and stolen time so far (the `cpu` line of /proc/stat: idle, iowait,
+/// steal), in µs.
+fn machine_idle_us() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    [3, 4, 7]
+        .iter()
+        .map(|&i| fields.get(i).copied().unwrap_or(0.0))
+        .sum::<f64>()
+        / clock_ticks()
+        * 1e6
 }
 
 /// Peak resident memory (VmHWM) of `pid`, in KiB.
@@ -1201,6 +1287,26 @@ async fn paced(
         quantile(&ms, 0.99),
         quantile(&ms, 1.0),
     );
+    // The plain lapin pipeline of the comparison at the same rate, in the same run: the same
+    // two quorum queues and guarantees with no fleet in them, timed publish to result read;
+    // then the same pipeline carrying the fleet's messages and queues (`--shapes`' "all").
+    let settings = vhost.settings(&[]);
+    for (name, shape) in [("plain", Shape::default()), ("all", Shape::ALL)] {
+        let busy = BrokerBusy::start();
+        let (_, mut ms) = baseline(&settings, tasks, settings.prefetch(), shape, Some(rate))
+            .await
+            .with_context(|| format!("paced baseline, {name}"))?;
+        let broker_cores = busy.cores();
+        anyhow::ensure!(ms.len() as u64 == tasks, "latency for every baseline task");
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "fleet-bench paced-baseline shape={name} rate={rate} tasks={tasks} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} broker_cores={broker_cores:.2}",
+            quantile(&ms, 0.50),
+            quantile(&ms, 0.90),
+            quantile(&ms, 0.99),
+            quantile(&ms, 1.0),
+        );
+    }
     Ok(())
 }
 
@@ -1450,8 +1556,12 @@ async fn compute_round(
         .await?;
     services.complete(&warm, 1).await?;
     let busy = BrokerBusy::start();
+    let [consumer, collector] = services.pids();
+    let (pool_then, rest_then) = pool_and_rest_cpu_us(consumer);
+    let collector_then = pid_cpu_us(collector);
+    let idle_then = machine_idle_us();
     let started_us = chrono::Utc::now().timestamp_micros();
-    let (batch, _, _) = services.submit("primes", &primes).await?;
+    let (batch, producer_us, _) = services.submit("primes", &primes).await?;
     // The round ends when its last result is stored (read from the store below), not when a
     // poll notices: polls are rare, so asking takes next to nothing from the workers' cores.
     services
@@ -1459,6 +1569,15 @@ async fn compute_round(
         .await?;
     // Cores the broker kept busy meanwhile: it shares this machine's cores.
     let broker_cores = busy.cores();
+    // The same for the fleet's own processes: the pool, the consumer's other threads (its
+    // runtime and lapin's), the collector and the producer.
+    let window_us = busy.since.elapsed().as_secs_f64() * 1e6;
+    let (pool_now, rest_now) = pool_and_rest_cpu_us(consumer);
+    let pool_cores = (pool_now - pool_then) / window_us;
+    let consumer_rest_cores = (rest_now - rest_then) / window_us;
+    let collector_cores = (pid_cpu_us(collector) - collector_then) / window_us;
+    let producer_cores = producer_us / window_us;
+    let idle_cores = (machine_idle_us() - idle_then) / window_us;
     let store = services.stop()?;
     let last_stored_us = store
         .stored_times(&batch)?
@@ -1485,7 +1604,7 @@ async fn compute_round(
     let slots: std::collections::BTreeSet<&str> =
         results.iter().map(|r| r.worker.as_str()).collect();
     println!(
-        "round {round} workers={workers} primes below={below} ({ran_ms:.1} ms each on average, slots {slots:?}): {:.1} tasks/s; broker busy {broker_cores:.2} cores",
+        "round {round} workers={workers} primes below={below} ({ran_ms:.1} ms each on average, slots {slots:?}): {:.1} tasks/s; cores busy: broker {broker_cores:.3}, pool {pool_cores:.3}, consumer's other threads {consumer_rest_cores:.3}, collector {collector_cores:.3}, producer {producer_cores:.3}; idle {idle_cores:.3}",
         rate(tasks, elapsed)
     );
     Ok(elapsed)

@@ -22,7 +22,7 @@ bench:           ## the issue 7 figures of docs/BENCHMARKS.md against the local 
 	target/release/fleet-bench --tasks 50000
 	target/release/fleet-bench --tasks 50000 --results-per-message 256
 	target/release/fleet-bench --tasks 50000 --work-queues 2
-	target/release/fleet-bench --paced 1000 --seconds 10
+	target/release/fleet-bench --paced 1000 --seconds 10 --rounds 3
 	target/release/fleet-bench --paced 1000 --seconds 10 --hops 2
 	target/release/fleet-bench --workers
 	target/release/fleet-bench --shapes --tasks 20000 --rounds 5

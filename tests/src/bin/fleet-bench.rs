@@ -105,10 +105,11 @@ struct Args {
     /// (e.g. `"+sbwt none +sbwtdcpu none +sbwtdio none"`), instead of the local broker.
     #[arg(long, value_name = "ERL_ARGS")]
     own_broker: Option<String>,
-    /// With --workers: rounds of 1 and then 2 workers (600 compute tasks each). With --shapes:
-    /// rounds of every variant.
-    #[arg(long, default_value_t = 3)]
-    rounds: u64,
+    /// With --workers: rounds of 1 and then 2 workers (600 compute tasks each; 3 rounds unless
+    /// given). With --shapes: rounds of every variant (3). With --paced: rounds of the fleet and
+    /// both baselines (1).
+    #[arg(long)]
+    rounds: Option<u64>,
     /// Instead of the comparison: the plain pipeline with one feature of the fleet's messages
     /// and queues at a time (exchanges, properties, user_id, bodies, mandatory, queue
     /// arguments), then all of them, --tasks each: the broker's CPU per task for each.
@@ -139,20 +140,25 @@ fn main() -> anyhow::Result<()> {
         if let Some(streams) = args.hops {
             return runtime.block_on(hops(&Vhost::new(), streams, rate, args.seconds));
         }
-        return runtime.block_on(paced(&Vhost::new(), rate, args.seconds, &extra));
+        let rounds = args.rounds.unwrap_or(1);
+        return runtime.block_on(paced(&Vhost::new(), rate, args.seconds, rounds, &extra));
     }
     if args.workers {
         return runtime.block_on(workers(
             &Vhost::new(),
             args.below,
             600,
-            args.rounds,
+            args.rounds.unwrap_or(3),
             6_000,
             &extra,
         ));
     }
     if args.shapes {
-        return runtime.block_on(shapes(args.tasks, args.rounds, args.baseline_prefetch));
+        return runtime.block_on(shapes(
+            args.tasks,
+            args.rounds.unwrap_or(3),
+            args.baseline_prefetch,
+        ));
     }
     runtime.block_on(bench(args))
 }
@@ -190,10 +196,6 @@ async fn shapes(tasks: u64, rounds: u64, prefetch: Option<u16>) -> anyhow::Resul
             }
         }
     }
-    let median = |values: &mut Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        quantile(values, 0.5)
-    };
     let plain_broker = median(&mut runs[0][2]);
     for ((name, _), [tps, client, broker]) in variants.iter().zip(&mut runs) {
         let broker = median(broker);
@@ -1172,6 +1174,12 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The median of `values` (sorted in place).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    quantile(values, 0.5)
+}
+
 /// One batch of `tasks` squares through a fresh collector and consumer.
 async fn fleet(
     vhost: &Vhost,
@@ -1216,15 +1224,91 @@ async fn fleet(
     })
 }
 
-/// Latency at a steady rate: this process publishes `rate` squares a second for `seconds`
-/// through the fleet's own publisher (each task when its time comes, not waiting for the
-/// previous confirm), and compares each task's submit time (µs) with its stored time.
+/// `--paced`: latency at `rate` tasks a second for `seconds`, of the fleet and, in the same
+/// run, of the baseline with plain messages and with the fleet's; `rounds` of the three, each
+/// round starting one later (the machine's speed drifts), then the medians of each.
 async fn paced(
     vhost: &Vhost,
     rate: u64,
     seconds: u64,
+    rounds: u64,
     extra: &[(&str, &str)],
 ) -> anyhow::Result<()> {
+    const RUNS: [&str; 3] = ["fleet", "baseline", "fleet-shaped baseline"];
+    let tasks = rate * seconds;
+    // Per run: p50s and p99s, one of each per round.
+    let mut figures = [
+        [Vec::new(), Vec::new()],
+        [Vec::new(), Vec::new()],
+        [Vec::new(), Vec::new()],
+    ];
+    for round in 0..rounds {
+        let first = usize::try_from(round).unwrap_or(0) % RUNS.len();
+        for i in (first..RUNS.len()).chain(0..first) {
+            let (ms, broker_cores, client_cores) = match i {
+                0 => paced_fleet(vhost, rate, seconds, extra).await?,
+                1 => paced_baseline(vhost, tasks, rate, Shape::default()).await?,
+                _ => paced_baseline(vhost, tasks, rate, Shape::ALL).await?,
+            };
+            anyhow::ensure!(ms.len() as u64 == tasks, "latency for every task");
+            println!(
+                "round {} {}: p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} broker_cores={broker_cores:.2} client_cores={client_cores:.2}",
+                round + 1,
+                RUNS[i],
+                quantile(&ms, 0.50),
+                quantile(&ms, 0.90),
+                quantile(&ms, 0.99),
+                quantile(&ms, 1.0),
+            );
+            figures[i][0].push(quantile(&ms, 0.50));
+            figures[i][1].push(quantile(&ms, 0.99));
+        }
+    }
+    let [[p50, p99], [base_p50, base_p99], [shaped_p50, shaped_p99]] = &mut figures;
+    println!(
+        "fleet-bench paced rate={rate} tasks={tasks} rounds={rounds} p50_ms={:.2} p99_ms={:.2} baseline_p50_ms={:.2} baseline_p99_ms={:.2} fleet_shaped_baseline_p50_ms={:.2} fleet_shaped_baseline_p99_ms={:.2}",
+        median(p50),
+        median(p99),
+        median(base_p50),
+        median(base_p99),
+        median(shaped_p50),
+        median(shaped_p99),
+    );
+    Ok(())
+}
+
+/// The baseline pipeline (`shape`) at `rate` tasks a second: each task's publish to its
+/// result's arrival, sorted, in ms, and the busy cores of the broker and of its clients (this
+/// process).
+async fn paced_baseline(
+    vhost: &Vhost,
+    tasks: u64,
+    rate: u64,
+    shape: Shape,
+) -> anyhow::Result<(Vec<f64>, f64, f64)> {
+    let settings = vhost.settings(&[]);
+    let busy = BrokerBusy::start();
+    let own_then = own_cpu_us()?;
+    let (elapsed, mut ms) = baseline(&settings, tasks, settings.prefetch(), shape, Some(rate))
+        .await
+        .context("paced baseline")?;
+    let broker_cores = busy.cores();
+    let client_cores = (own_cpu_us()? - own_then) / 1e6 / elapsed.as_secs_f64();
+    ms.sort_by(f64::total_cmp);
+    Ok((ms, broker_cores, client_cores))
+}
+
+/// The fleet at a steady rate: this process publishes `rate` squares a second for `seconds`
+/// through the fleet's own publisher (each task when its time comes, not waiting for the
+/// previous confirm), and compares each task's submit time (µs) with its stored time. Returns
+/// those latencies, sorted, in ms, and the busy cores of the broker and of the fleet's three
+/// processes (this one publishing, the consumer and the collector).
+async fn paced_fleet(
+    vhost: &Vhost,
+    rate: u64,
+    seconds: u64,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<(Vec<f64>, f64, f64)> {
     let services = Services::start(vhost, extra, None).await?;
     let tasks = rate * seconds;
     let payloads = (0..tasks).map(|n| serde_json::json!({ "n": n })).collect();
@@ -1240,6 +1324,11 @@ async fn paced(
     let mut submitted = std::collections::HashMap::with_capacity(receipt.task_ids.len());
     let mut confirms = tokio::task::JoinSet::new();
     let busy = BrokerBusy::start();
+    // CPU of this process (publishing), the consumer and the collector, in µs.
+    let clients = |[consumer, collector]: [u32; 2]| -> anyhow::Result<[f64; 3]> {
+        Ok([own_cpu_us()?, pid_cpu_us(consumer), pid_cpu_us(collector)])
+    };
+    let clients_then = clients(services.pids())?;
     let started = Instant::now();
     for (i, (message, id)) in messages.zip(&receipt.task_ids).enumerate() {
         let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
@@ -1253,6 +1342,14 @@ async fn paced(
     }
     services.complete(&receipt.batch, tasks).await?;
     let broker_cores = busy.cores();
+    let seconds = started.elapsed().as_secs_f64();
+    let clients_now = clients(services.pids())?;
+    let [producer, consumer, collector] =
+        std::array::from_fn(|i| (clients_now[i] - clients_then[i]) / 1e6 / seconds);
+    println!(
+        "busy cores: producer (this process publishing) {producer:.3}, consumer {consumer:.3}, collector {collector:.3}"
+    );
+    let client_cores = producer + consumer + collector;
     let _ = connection.close(200, "done".into()).await;
     // A result's stored time is taken as its group's transaction begins; the commit (an fsync)
     // comes after it, so its mean is shown beside the figures.
@@ -1280,34 +1377,7 @@ async fn paced(
         quantile(&to_store, 0.99),
     );
     println!("store transaction (commit included, after the stored time) mean {store_ms:.2} ms");
-    println!(
-        "fleet-bench paced rate={rate} tasks={tasks} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} store_mean_ms={store_ms:.2} broker_cores={broker_cores:.2}",
-        quantile(&ms, 0.50),
-        quantile(&ms, 0.90),
-        quantile(&ms, 0.99),
-        quantile(&ms, 1.0),
-    );
-    // The plain lapin pipeline of the comparison at the same rate, in the same run: the same
-    // two quorum queues and guarantees with no fleet in them, timed publish to result read;
-    // then the same pipeline carrying the fleet's messages and queues (`--shapes`' "all").
-    let settings = vhost.settings(&[]);
-    for (name, shape) in [("plain", Shape::default()), ("all", Shape::ALL)] {
-        let busy = BrokerBusy::start();
-        let (_, mut ms) = baseline(&settings, tasks, settings.prefetch(), shape, Some(rate))
-            .await
-            .with_context(|| format!("paced baseline, {name}"))?;
-        let broker_cores = busy.cores();
-        anyhow::ensure!(ms.len() as u64 == tasks, "latency for every baseline task");
-        ms.sort_by(f64::total_cmp);
-        println!(
-            "fleet-bench paced-baseline shape={name} rate={rate} tasks={tasks} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} broker_cores={broker_cores:.2}",
-            quantile(&ms, 0.50),
-            quantile(&ms, 0.90),
-            quantile(&ms, 0.99),
-            quantile(&ms, 1.0),
-        );
-    }
-    Ok(())
+    Ok((ms, broker_cores, client_cores))
 }
 
 /// The broker's own hop: `streams` plain lapin publishers at once, each sending `rate` persistent

@@ -113,28 +113,32 @@ impl Subscription {
 
     /// Why this subscription can no longer work (connection or either channel closed), if so.
     pub fn lost(&self) -> Option<anyhow::Error> {
-        if !self.connection.status().connected() {
-            Some(anyhow::anyhow!("the connection is closed"))
-        } else if !self.channel.status().connected() {
-            Some(anyhow::anyhow!("the consuming channel is closed"))
-        } else if !self.publisher.channel().status().connected() {
-            Some(anyhow::anyhow!("the publishing channel is closed"))
-        } else {
-            None
-        }
+        lost_of(
+            self.connection.status(),
+            self.channel.status(),
+            self.publisher.channel().status(),
+        )
     }
 
     /// Resolves once the subscription is lost (see [`Subscription::lost`]), with the reason.
     ///
     /// lapin does not always fail a pending operation when its connection dies (an ack or a
     /// publish on a cut connection can wait forever), so every wait on the broker that is not
-    /// itself a delivery stream should race against this.
-    pub async fn lost_watch(&self) -> anyhow::Error {
-        loop {
-            if let Some(why) = self.lost() {
-                return why;
+    /// itself a delivery stream should race against this. The future holds the connection's and
+    /// channels' status, not the subscription: keep one for a whole session and race it by
+    /// reference, so that its 100 ms timer is set once and not again for every wait (each new
+    /// timer set from outside the runtime's thread wakes that thread).
+    pub fn lost_watch(&self) -> impl Future<Output = anyhow::Error> + Send + 'static {
+        let connection = self.connection.status().clone();
+        let channel = self.channel.status().clone();
+        let publishing = self.publisher.channel().status().clone();
+        async move {
+            loop {
+                if let Some(why) = lost_of(&connection, &channel, &publishing) {
+                    return why;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -146,6 +150,23 @@ impl Subscription {
             let _ = self.connection.close(200, "bye".into()).await;
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), bye).await;
+    }
+}
+
+/// Why a subscription with these connection and channel states can no longer work, if so.
+fn lost_of(
+    connection: &lapin::ConnectionStatus,
+    channel: &lapin::ChannelStatus,
+    publishing: &lapin::ChannelStatus,
+) -> Option<anyhow::Error> {
+    if !connection.connected() {
+        Some(anyhow::anyhow!("the connection is closed"))
+    } else if !channel.connected() {
+        Some(anyhow::anyhow!("the consuming channel is closed"))
+    } else if !publishing.connected() {
+        Some(anyhow::anyhow!("the publishing channel is closed"))
+    } else {
+        None
     }
 }
 

@@ -763,3 +763,44 @@ async fn a_consumer_cancelled_by_the_broker_subscribes_again() {
     consumer.stop().await.expect("consumer drains cleanly");
     collector.stop().await.expect("collector drains cleanly");
 }
+
+/// A subscription's lost-watch, made once and raced again and again (as the collector's flushes
+/// race it), stays pending while the connection lives and resolves, naming the connection,
+/// within its poll interval after the connection is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriptions_lost_watch_resolves_after_a_cut() {
+    let vhost = Vhost::new();
+    let proxy = Proxy::start(fleet_tests::broker_host()).await;
+    let mut settings = vhost.settings(&[]);
+    settings.amqp.url = format!("amqp://guest:guest@{}/{}", proxy.addr, vhost.name);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let common = fleet_shared::observe::Observer::new(Default::default()).common;
+    let subscription = fleet_shared::amqp::subscribe(
+        &settings,
+        "test-watch",
+        topology::RESULTS_QUEUE,
+        1,
+        &common,
+        &shutdown,
+    )
+    .await
+    .expect("subscribed")
+    .expect("not shut down");
+    let watch = subscription.lost_watch();
+    tokio::pin!(watch);
+    for _ in 0..3 {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(150), &mut watch)
+                .await
+                .is_err(),
+            "the watch resolved on a live connection"
+        );
+    }
+    assert!(subscription.lost().is_none());
+    proxy.cut();
+    let why = tokio::time::timeout(Duration::from_secs(5), &mut watch)
+        .await
+        .expect("the watch resolves within 5 s of the cut");
+    assert_eq!(why.to_string(), "the connection is closed");
+    subscription.close().await;
+}

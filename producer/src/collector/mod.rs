@@ -237,6 +237,9 @@ async fn collect(
     let flush_every = Duration::from_millis(settings.collector.flush_interval_ms);
     let max = settings.collector.batch_size;
     let mut group: Vec<Delivery> = Vec::with_capacity(max);
+    // One watch for the session, raced by every flush (see `Subscription::lost_watch`).
+    let lost_watch = subscription.lost_watch();
+    tokio::pin!(lost_watch);
     loop {
         let first = tokio::select! {
             biased;
@@ -282,7 +285,7 @@ async fn collect(
         pending.store(group.len() as u64, Ordering::Relaxed);
         let flushed = tokio::select! {
             flushed = flush(writer, &subscription.publisher, metrics, &mut group) => flushed,
-            why = subscription.lost_watch() => Err(Flush::Broker(why)),
+            why = &mut lost_watch => Err(Flush::Broker(why)),
         };
         match flushed {
             Ok(()) => pending.store(0, Ordering::Relaxed),

@@ -54,11 +54,15 @@ struct Added {
     manifest: bool,
 }
 
+/// `seq` is the rowid: SQLite gives each new row one past the largest, so results keep the order
+/// they were stored in (rows are never deleted here). Without `AUTOINCREMENT`, which would also
+/// rewrite `sqlite_sequence` in every commit: a page fewer written and synced per stored group.
+/// Databases made with it keep it; both read the same.
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = FULL;
 CREATE TABLE IF NOT EXISTS results (
-    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq          INTEGER PRIMARY KEY,
     task_id      TEXT NOT NULL UNIQUE,
     batch        TEXT,
     kind         TEXT NOT NULL,
@@ -385,6 +389,54 @@ mod tests {
                 .is_some_and(|r| r.status == Status::Ok),
             "the first result of a task in a group wins"
         );
+    }
+
+    #[test]
+    fn results_come_back_in_the_order_they_were_stored_page_by_page() {
+        // A new database, and one made with `AUTOINCREMENT` as earlier versions did.
+        for autoincrement in [false, true] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("r.db");
+            if autoincrement {
+                let old =
+                    SCHEMA.replace("INTEGER PRIMARY KEY,", "INTEGER PRIMARY KEY AUTOINCREMENT,");
+                assert_ne!(old, SCHEMA);
+                Connection::open(&path)
+                    .expect("create")
+                    .execute_batch(&old)
+                    .expect("old schema");
+            }
+            let mut store = Store::open(&path).expect("open");
+            // Two batches interleaved over several commits, and a reopen in between.
+            let ids: Vec<String> = (0..12).map(|i| format!("t{i:02}")).collect();
+            for (i, pair) in ids.chunks(2).enumerate() {
+                if i == 3 {
+                    store = Store::open(&path).expect("reopen");
+                }
+                let messages: Vec<_> = pair
+                    .iter()
+                    .map(|id| result(id, "b4", Status::Ok))
+                    .chain([result(&format!("other{i}"), "b5", Status::Ok)])
+                    .collect();
+                store.store(&messages).expect("store");
+            }
+            let mut read = Vec::new();
+            for offset in (0..12).step_by(5) {
+                for body in store.results("b4", offset, 5).expect("read") {
+                    read.push(parse(&body).expect("a result").task_id);
+                }
+            }
+            assert_eq!(read, ids, "autoincrement: {autoincrement}");
+            let counted: Option<i64> = store
+                .conn
+                .query_row(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'results'",
+                    [],
+                    |row| row.get(0),
+                )
+                .ok();
+            assert_eq!(counted, autoincrement.then_some(18));
+        }
     }
 
     #[test]

@@ -180,7 +180,7 @@ async fn shapes(tasks: u64, rounds: u64, prefetch: Option<u16>) -> anyhow::Resul
             let vhost = Vhost::new();
             let settings = vhost.settings(&[]);
             let prefetch = prefetch.unwrap_or_else(|| settings.prefetch());
-            let (own_before, busy) = (own_cpu_us()?, BrokerBusy::of(broker));
+            let (own_before, busy) = (own_cpu_us()?, Busy::of(broker));
             let (elapsed, _) = baseline(&settings, tasks, prefetch, *shape, None)
                 .await
                 .with_context(|| format!("shape {name}"))?;
@@ -274,7 +274,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .baseline_prefetch
         .unwrap_or_else(|| settings.prefetch());
     let broker = broker_pid();
-    let (own_before, busy) = (own_cpu_us()?, BrokerBusy::of(broker));
+    let (own_before, busy) = (own_cpu_us()?, Busy::of(broker));
     let (baseline, _) = baseline(&settings, args.tasks, prefetch, Shape::default(), None)
         .await
         .context("baseline")?;
@@ -289,7 +289,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     );
     let owned = settings_of(&args);
     let extra = borrowed(&owned);
-    let busy = BrokerBusy::of(broker);
+    let busy = Busy::of(broker);
     let fleet = fleet(&vhost, args.tasks, &extra, args.strace.as_deref())
         .await
         .context("fleet")?;
@@ -891,20 +891,26 @@ fn own_cpu_us() -> anyhow::Result<f64> {
     cpu_us(Path::new("/proc/self/stat"), false)
 }
 
-/// The broker's CPU from a moment on (NaN when its pid is unknown).
-struct BrokerBusy {
+/// A process's CPU from a moment on: the broker's (NaN when its pid is unknown), a fleet
+/// service's or this one's.
+struct Busy {
     pid: Option<u32>,
     cpu_us_then: f64,
     since: Instant,
 }
 
-impl BrokerBusy {
-    /// From now, finding the broker's pid first (`rabbitmqctl eval`, about a second).
-    fn start() -> Self {
+impl Busy {
+    /// The broker's from now, finding its pid first (`rabbitmqctl eval`, about a second).
+    fn broker() -> Self {
         Self::of(broker_pid())
     }
 
-    /// From now, for the broker process `pid`.
+    /// This process's from now.
+    fn this_process() -> Self {
+        Self::of(Some(std::process::id()))
+    }
+
+    /// From now, for the process `pid`.
     fn of(pid: Option<u32>) -> Self {
         Self {
             pid,
@@ -913,12 +919,12 @@ impl BrokerBusy {
         }
     }
 
-    /// The broker's CPU (user + sys) since then, in microseconds.
+    /// The process's CPU (user + sys) since then, in microseconds.
     fn cpu_us(&self) -> f64 {
         self.pid.map_or(f64::NAN, pid_cpu_us) - self.cpu_us_then
     }
 
-    /// Broker CPU seconds per second since then.
+    /// The process's CPU seconds per second since then.
     fn cores(&self) -> f64 {
         self.cpu_us() / 1e6 / self.since.elapsed().as_secs_f64()
     }
@@ -1287,13 +1293,11 @@ async fn paced_baseline(
     shape: Shape,
 ) -> anyhow::Result<(Vec<f64>, f64, f64)> {
     let settings = vhost.settings(&[]);
-    let busy = BrokerBusy::start();
-    let own_then = own_cpu_us()?;
-    let (elapsed, mut ms) = baseline(&settings, tasks, settings.prefetch(), shape, Some(rate))
+    let (broker, clients) = (Busy::broker(), Busy::this_process());
+    let (_, mut ms) = baseline(&settings, tasks, settings.prefetch(), shape, Some(rate))
         .await
         .context("paced baseline")?;
-    let broker_cores = busy.cores();
-    let client_cores = (own_cpu_us()? - own_then) / 1e6 / elapsed.as_secs_f64();
+    let (broker_cores, client_cores) = (broker.cores(), clients.cores());
     ms.sort_by(f64::total_cmp);
     Ok((ms, broker_cores, client_cores))
 }
@@ -1323,12 +1327,14 @@ async fn paced_fleet(
     publisher.publish(manifest).await?;
     let mut submitted = std::collections::HashMap::with_capacity(receipt.task_ids.len());
     let mut confirms = futures_util::stream::FuturesUnordered::new();
-    let busy = BrokerBusy::start();
-    // CPU of this process (publishing), the consumer and the collector, in µs.
-    let clients = |[consumer, collector]: [u32; 2]| -> anyhow::Result<[f64; 3]> {
-        Ok([own_cpu_us()?, pid_cpu_us(consumer), pid_cpu_us(collector)])
-    };
-    let clients_then = clients(services.pids())?;
+    let busy = Busy::broker();
+    let [consumer, collector] = services.pids();
+    // This process (publishing), the consumer and the collector.
+    let clients = [
+        Busy::this_process(),
+        Busy::of(Some(consumer)),
+        Busy::of(Some(collector)),
+    ];
     let started = Instant::now();
     for (i, (message, id)) in messages.zip(&receipt.task_ids).enumerate() {
         let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
@@ -1350,10 +1356,7 @@ async fn paced_fleet(
     }
     services.complete(&receipt.batch, tasks).await?;
     let broker_cores = busy.cores();
-    let seconds = started.elapsed().as_secs_f64();
-    let clients_now = clients(services.pids())?;
-    let [producer, consumer, collector] =
-        std::array::from_fn(|i| (clients_now[i] - clients_then[i]) / 1e6 / seconds);
+    let [producer, consumer, collector] = clients.map(|process| process.cores());
     println!(
         "busy cores: producer (this process publishing) {producer:.3}, consumer {consumer:.3}, collector {collector:.3}"
     );
@@ -1396,7 +1399,7 @@ async fn paced_fleet(
 async fn hops(vhost: &Vhost, streams: usize, rate: u64, seconds: u64) -> anyhow::Result<()> {
     let url = vhost.settings(&[]).amqp_uri()?.to_string();
     let messages = rate * seconds;
-    let busy = BrokerBusy::start();
+    let busy = Busy::broker();
     let started = Instant::now();
     let mut runs = tokio::task::JoinSet::new();
     for stream in 0..streams {
@@ -1633,7 +1636,7 @@ async fn compute_round(
         .submit("primes", &format!("{{\"below\":{below}}}\n"))
         .await?;
     services.complete(&warm, 1).await?;
-    let busy = BrokerBusy::start();
+    let busy = Busy::broker();
     let [consumer, collector] = services.pids();
     let (pool_then, rest_then) = pool_and_rest_cpu_us(consumer);
     let collector_then = pid_cpu_us(collector);

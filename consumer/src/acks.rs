@@ -5,17 +5,26 @@
 //! last ack and covers the settled run at the bottom of the window with a single
 //! `basic.ack(multiple)`: no delivery still running is ever covered, because a multiple ack is
 //! sent only up to a tag below which every tag of the channel is known and settled. Settled tags
-//! above a delivery still running (a slow task) are acked one by one at once, so a slow task
-//! never holds the prefetch window of the others.
+//! above a delivery still running (a slow task) are acked one by one, so a slow task never holds
+//! the prefetch window of the others.
 //!
-//! Under load this turns one ack frame (one write by lapin's I/O thread, one settle command in
-//! the quorum queue) per task into one per group; when the consumer is idle, a tag is acked as
-//! soon as it arrives, so nothing waits for a timer.
+//! A settled tag waits up to [`LINGER`] for others to share its ack, unless more than `hold`
+//! tags already wait. Every ack is a command the quorum queue writes to its log; at a few hundred
+//! tasks a second each task's ack would otherwise go alone, and the broker, on the same cores as
+//! the workers, spends the CPU the workers need (docs/BENCHMARKS.md, session 13). The wait costs
+//! no latency: the task's result is already confirmed when its tag comes here. It only holds a
+//! place in the prefetch window a little longer, which `hold` bounds, and on a crash the broker
+//! redelivers those tasks, as it would any unacked one (the collector keeps the first result).
 
 use lapin::Channel;
 use lapin::options::BasicAckOptions;
 use std::collections::BTreeMap;
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// How long a settled tag may wait for others to share its ack.
+pub const LINGER: Duration = Duration::from_millis(20);
 
 /// What the acker hears about a delivery tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,10 +49,11 @@ pub struct Acker {
 }
 
 impl Acks {
-    /// Starts the acker of `channel`.
-    pub fn start(channel: Channel) -> (Self, Acker) {
+    /// Starts the acker of `channel`: up to `hold` settled tags may wait [`LINGER`] for company;
+    /// with `hold` 0 every tag is acked as soon as it is handed in.
+    pub fn start(channel: Channel, hold: usize) -> (Self, Acker) {
         let (events, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(channel, rx));
+        let task = tokio::spawn(run(channel, rx, hold));
         (Self { events }, Acker { task })
     }
 
@@ -71,24 +81,55 @@ impl Acker {
     }
 }
 
-async fn run(channel: Channel, mut events: mpsc::UnboundedReceiver<Event>) {
+async fn run(channel: Channel, mut events: mpsc::UnboundedReceiver<Event>, hold: usize) {
     let mut window = Window::default();
-    while let Some(event) = events.recv().await {
+    // Armed while settled tags wait: when the first of them must go.
+    let linger = tokio::time::sleep(LINGER);
+    tokio::pin!(linger);
+    let mut lingering = false;
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            () = &mut linger, if lingering => {
+                lingering = false;
+                if send(&channel, window.take_acks()).await {
+                    continue;
+                }
+                return;
+            }
+        };
+        let Some(event) = event else { break };
         window.apply(event);
         // Everything already waiting goes into the same round.
         while let Ok(event) = events.try_recv() {
             window.apply(event);
         }
-        for ack in window.take_acks() {
-            let options = BasicAckOptions {
-                multiple: ack.multiple,
-            };
-            if let Err(error) = channel.basic_ack(ack.tag, options).await {
-                tracing::debug!(%error, "ack failed; the broker redelivers what it did not get");
+        if window.settled > hold {
+            lingering = false;
+            if !send(&channel, window.take_acks()).await {
                 return;
             }
+        } else if window.settled > 0 && !lingering {
+            linger.as_mut().reset(Instant::now() + LINGER);
+            lingering = true;
         }
     }
+    // Every sender is gone (the session is draining): what is settled goes now.
+    send(&channel, window.take_acks()).await;
+}
+
+/// Sends `acks`; false if the channel is gone.
+async fn send(channel: &Channel, acks: Vec<Ack>) -> bool {
+    for ack in acks {
+        let options = BasicAckOptions {
+            multiple: ack.multiple,
+        };
+        if let Err(error) = channel.basic_ack(ack.tag, options).await {
+            tracing::debug!(%error, "ack failed; the broker redelivers what it did not get");
+            return false;
+        }
+    }
+    true
 }
 
 /// One ack to send.
@@ -114,6 +155,8 @@ struct Window {
     /// Every tag up to here is acked or out of the window.
     floor: u64,
     tags: BTreeMap<u64, State>,
+    /// Tags settled and not acked yet.
+    settled: usize,
 }
 
 impl Window {
@@ -124,6 +167,7 @@ impl Window {
             }
             Event::Settled(tag) => {
                 self.tags.insert(tag, State::Settled);
+                self.settled += 1;
             }
             Event::Returned(tag) => {
                 self.tags.insert(tag, State::Done);
@@ -172,6 +216,7 @@ impl Window {
                 *state = State::Done;
             }
         }
+        self.settled = 0;
         acks
     }
 }
@@ -223,6 +268,18 @@ mod tests {
         w.apply(S(2));
         assert_eq!(w.take_acks(), vec![single(2)]);
         assert_eq!(w.floor, 4);
+    }
+
+    #[test]
+    fn the_window_counts_what_waits_for_an_ack() {
+        let mut w = window(&[R(1), R(2), R(3), R(4), S(1), S(3), N(4)]);
+        assert_eq!(w.settled, 2, "returned tags wait for nothing");
+        let _ = w.take_acks();
+        assert_eq!(w.settled, 0);
+        w.apply(S(2));
+        assert_eq!(w.settled, 1);
+        assert_eq!(w.take_acks(), vec![single(2)]);
+        assert_eq!(w.settled, 0);
     }
 
     #[test]

@@ -99,6 +99,12 @@ pub async fn run(
     let lane_prefetch = settings
         .prefetch()
         .div_ceil(u16::try_from(queues.len()).unwrap_or(u16::MAX));
+    // Settled tags may wait a moment to share an ack (see `acks`): at most half of the window
+    // the prefetch gives beyond the slots, so that the slots never wait for the broker for it.
+    let read_ahead = settings.consumer.workers.saturating_mul(usize::from(
+        settings.consumer.prefetch_per_worker.saturating_sub(1),
+    ));
+    let ack_hold = read_ahead / 2 / queues.len().max(1);
     let shared = Lanes {
         settings: &settings,
         worker: &worker,
@@ -107,6 +113,7 @@ pub async fn run(
         health: &health,
         shutdown: &shutdown,
         prefetch: lane_prefetch,
+        ack_hold,
         announce: &announce,
     };
     let lanes = queues.iter().map(|queue| shared.run(queue));
@@ -157,6 +164,8 @@ struct Lanes<'a> {
     shutdown: &'a CancellationToken,
     /// This lane's share of the prefetch.
     prefetch: u16,
+    /// Settled tags that may wait to share an ack.
+    ack_hold: usize,
     /// Logs the start-up banner, the first time it is called.
     announce: &'a (dyn Fn() + Sync),
 }
@@ -174,6 +183,7 @@ impl Lanes<'_> {
             health,
             shutdown,
             prefetch,
+            ack_hold,
             announce,
         } = *self;
         let mut sessions = 0u64;
@@ -211,7 +221,7 @@ impl Lanes<'_> {
                 beats,
             );
             let widen_at = (prefetch > 1).then(|| worker.settled() + 1);
-            let (acks, acker) = Acks::start(subscription.channel.clone());
+            let (acks, acker) = Acks::start(subscription.channel.clone(), ack_hold);
             // Shared by each delivery's handling: a clone would be three lapin channels' worth of
             // reference counts per delivery, and 1.2 KiB more in every handling future.
             let channel = Arc::new(Settle {

@@ -36,7 +36,8 @@ pub fn require_broker() {
     }
 }
 
-fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
+/// Runs `rabbitmqctl args...` on the shared broker and returns what it printed.
+fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new("rabbitmqctl")
         .args(args)
         .output()
@@ -46,7 +47,7 @@ fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
         "rabbitmqctl {args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    Ok(())
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// A broker user of its own with a random password, deleted on drop. The password reaches
@@ -447,6 +448,28 @@ pub fn metric_in(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Deliveries not acked yet on every channel in `vhost`, as the broker counts them now (a
+/// quorum queue's own count in `list_queues` is a statistic, updated every few seconds).
+///
+/// # Panics
+/// When rabbitmqctl fails.
+pub fn unacked(vhost: &str) -> u64 {
+    let listing = rabbitmqctl(&[
+        "list_channels",
+        "-q",
+        "--no-table-headers",
+        "vhost",
+        "messages_unacknowledged",
+    ])
+    .expect("listing channels");
+    listing
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(name, _)| *name == vhost)
+        .map(|(_, count)| count.trim().parse::<u64>().expect("a count"))
+        .sum()
 }
 
 /// Messages ready in `queue` (a passive declare).

@@ -6,7 +6,7 @@ use fleet_producer::submit;
 use fleet_shared::envelope::{self, Status, Task, TaskResult};
 use fleet_shared::publisher::Outgoing;
 use fleet_shared::topology;
-use fleet_tests::{Service, Vhost, complete, drain_dead, eventually, ready};
+use fleet_tests::{Service, Vhost, complete, drain_dead, eventually, ready, unacked};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -70,6 +70,39 @@ async fn ten_thousand_squares_through_two_consumers_are_stored_exactly_once() {
     for consumer in consumers {
         consumer.stop().await.expect("consumer drains cleanly");
     }
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+/// The consumer's and the collector's acks wait a moment to share a frame, but never for more
+/// work: once a batch is stored and nothing else comes, the broker holds nothing unacked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_acks_go_out_without_more_work() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[("FLEET_CONSUMER__WORKERS", "2")]);
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    // Once with a single task, once with a few settled close together.
+    for tasks in [1u64, 5] {
+        let payloads: Vec<Value> = (0..tasks).map(|n| json!({ "n": n })).collect();
+        let receipt = submit::publish_batch(&publisher, "square", payloads)
+            .await
+            .expect("published");
+        let status = complete(&client, &receipt.batch, Duration::from_secs(30)).await;
+        assert_eq!((status.done, status.ok), (tasks, tasks));
+        eventually("every ack sent", Duration::from_secs(10), || async {
+            (unacked(&vhost.name) == 0).then_some(())
+        })
+        .await;
+        assert_eq!(ready(&settings, topology::WORK_QUEUE).await, 0);
+        assert_eq!(ready(&settings, topology::RESULTS_QUEUE).await, 0);
+    }
+    assert!(consumer.is_running() && collector.is_running());
+    let _ = connection.close(200, "done".into()).await;
+    consumer.stop().await.expect("consumer drains cleanly");
     collector.stop().await.expect("collector drains cleanly");
 }
 

@@ -216,6 +216,14 @@ impl Metrics {
     }
 }
 
+/// How long stored results may wait for the next group's to share an ack. Every ack is a command
+/// the quorum queue writes to its log; at a few hundred results a second each group is a single
+/// result, and the broker, on the same cores as the workers, spends the CPU they need
+/// (docs/BENCHMARKS.md, session 13). The wait adds nothing to a result's time to stored, and a
+/// result stored but not acked when the connection goes is redelivered and counted as a
+/// duplicate, never stored twice.
+const ACK_LINGER: Duration = Duration::from_millis(20);
+
 /// How a session ended.
 enum Ended {
     /// `shutdown` was cancelled; everything received is stored and acked.
@@ -240,20 +248,41 @@ async fn collect(
     // One watch for the session, raced by every flush (see `Subscription::lost_watch`).
     let lost_watch = subscription.lost_watch();
     tokio::pin!(lost_watch);
+    // Stored, not acked yet: the last one's acker (its multiple ack covers the others) and how
+    // many. At most `batch_size` wait, so the prefetch (two groups) always has room for a group.
+    let mut unacked: Option<(lapin::Acker, usize)> = None;
+    let linger = tokio::time::sleep(ACK_LINGER);
+    tokio::pin!(linger);
     loop {
         let first = tokio::select! {
             biased;
-            () = shutdown.cancelled() => return Ok(Ended::Shutdown),
+            () = shutdown.cancelled() => {
+                return Ok(match ack(unacked.take()).await {
+                    Ok(()) => Ended::Shutdown,
+                    Err(error) => Ended::Lost(error),
+                });
+            }
+            () = &mut linger, if unacked.is_some() => {
+                if let Err(error) = ack(unacked.take()).await {
+                    return Ok(Ended::Lost(error));
+                }
+                continue;
+            }
             next = subscription.deliveries.next() => next,
         };
-        match first {
-            Some(Ok(delivery)) => group.push(delivery),
-            Some(Err(e)) => {
-                return Ok(Ended::Lost(
-                    anyhow::Error::new(e).context("the result stream failed"),
-                ));
+        let why = match first {
+            Some(Ok(delivery)) => {
+                group.push(delivery);
+                None
             }
-            None => return Ok(Ended::Lost(cancelled())),
+            Some(Err(e)) => Some(anyhow::Error::new(e).context("the result stream failed")),
+            None => Some(cancelled()),
+        };
+        if let Some(why) = why {
+            // What is stored is acked first if the channel still takes it (a cancelled
+            // consumer), so that it is not delivered again.
+            let _ = ack(unacked.take()).await;
+            return Ok(Ended::Lost(why));
         }
         let deadline = tokio::time::sleep(flush_every);
         tokio::pin!(deadline);
@@ -283,17 +312,36 @@ async fn collect(
             }
         }
         pending.store(group.len() as u64, Ordering::Relaxed);
+        let stored = group.len();
         let flushed = tokio::select! {
             flushed = flush(writer, &subscription.publisher, metrics, &mut group) => flushed,
             why = &mut lost_watch => Err(Flush::Broker(why)),
         };
         match flushed {
-            Ok(()) => pending.store(0, Ordering::Relaxed),
+            Ok(acker) => {
+                pending.store(0, Ordering::Relaxed);
+                let waiting = unacked.as_ref().map_or(0, |(_, n)| *n) + stored;
+                if unacked.is_none() {
+                    linger
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + ACK_LINGER);
+                }
+                if let Some(acker) = acker {
+                    unacked = Some((acker, waiting));
+                }
+                if let Some(why) = lost {
+                    // As above: what is stored is acked first if the channel still takes it.
+                    let _ = ack(unacked.take()).await;
+                    return Ok(Ended::Lost(why));
+                }
+                if (waiting > max || linger.is_elapsed())
+                    && let Err(error) = ack(unacked.take()).await
+                {
+                    return Ok(Ended::Lost(error));
+                }
+            }
             Err(Flush::Store(error)) => return Err(error),
             Err(Flush::Broker(error)) => return Ok(Ended::Lost(error)),
-        }
-        if let Some(error) = lost {
-            return Ok(Ended::Lost(error));
         }
     }
 }
@@ -329,17 +377,28 @@ fn admit(exchange: &str, message: ResultMessage) -> Result<ResultMessage, String
     }
 }
 
-/// Stores a group in one transaction, then acks all of it with one multiple-ack.
-/// Undecodable messages, and results or manifests from the wrong exchange, are dead-lettered
-/// (confirmed) before the ack covers them.
+/// Acks everything stored so far with one multiple ack of the last stored delivery.
+async fn ack(unacked: Option<(lapin::Acker, usize)>) -> anyhow::Result<()> {
+    if let Some((acker, _)) = unacked {
+        acker
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .context("acking stored results")?;
+    }
+    Ok(())
+}
+
+/// Stores a group in one transaction and returns the acker of its last delivery, whose multiple
+/// ack covers the group. Undecodable messages, and results or manifests from the wrong
+/// exchange, are dead-lettered (confirmed) before that ack can cover them.
 async fn flush(
     writer: &mut Store,
     dead: &Publisher,
     metrics: &Metrics,
     group: &mut Vec<Delivery>,
-) -> Result<(), Flush> {
+) -> Result<Option<lapin::Acker>, Flush> {
     if group.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let mut messages = Vec::with_capacity(group.len());
     for delivery in group.iter() {
@@ -388,15 +447,8 @@ async fn flush(
         manifests = stored.manifests,
         "stored"
     );
-    // Committed: now the broker may forget them. One ack covers the whole group.
+    // Committed: now the broker may forget them.
     let acker = group.last().map(|d| d.acker.clone());
     group.clear();
-    if let Some(acker) = acker {
-        acker
-            .ack(BasicAckOptions { multiple: true })
-            .await
-            .context("acking stored results")
-            .map_err(Flush::Broker)?;
-    }
-    Ok(())
+    Ok(acker)
 }

@@ -23,6 +23,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::future::IntoFuture as _;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -257,13 +258,13 @@ async fn collect(
         let first = tokio::select! {
             biased;
             () = shutdown.cancelled() => {
-                return Ok(match ack(unacked.take()).await {
+                return Ok(match ack(unacked.take(), lost_watch.as_mut()).await {
                     Ok(()) => Ended::Shutdown,
                     Err(error) => Ended::Lost(error),
                 });
             }
             () = &mut linger, if unacked.is_some() => {
-                if let Err(error) = ack(unacked.take()).await {
+                if let Err(error) = ack(unacked.take(), lost_watch.as_mut()).await {
                     return Ok(Ended::Lost(error));
                 }
                 continue;
@@ -281,7 +282,7 @@ async fn collect(
         if let Some(why) = why {
             // What is stored is acked first if the channel still takes it (a cancelled
             // consumer), so that it is not delivered again.
-            let _ = ack(unacked.take()).await;
+            let _ = ack(unacked.take(), lost_watch.as_mut()).await;
             return Ok(Ended::Lost(why));
         }
         let deadline = tokio::time::sleep(flush_every);
@@ -331,11 +332,11 @@ async fn collect(
                 }
                 if let Some(why) = lost {
                     // As above: what is stored is acked first if the channel still takes it.
-                    let _ = ack(unacked.take()).await;
+                    let _ = ack(unacked.take(), lost_watch.as_mut()).await;
                     return Ok(Ended::Lost(why));
                 }
                 if (waiting > max || linger.is_elapsed())
-                    && let Err(error) = ack(unacked.take()).await
+                    && let Err(error) = ack(unacked.take(), lost_watch.as_mut()).await
                 {
                     return Ok(Ended::Lost(error));
                 }
@@ -377,15 +378,23 @@ fn admit(exchange: &str, message: ResultMessage) -> Result<ResultMessage, String
     }
 }
 
-/// Acks everything stored so far with one multiple ack of the last stored delivery.
-async fn ack(unacked: Option<(lapin::Acker, usize)>) -> anyhow::Result<()> {
-    if let Some((acker, _)) = unacked {
-        acker
-            .ack(BasicAckOptions { multiple: true })
-            .await
-            .context("acking stored results")?;
+/// Acks everything stored so far with one multiple ack of the last stored delivery, unless
+/// `lost` (the session's [`amqp::Subscription::lost_watch`]) resolves first: an ack on a
+/// connection cut at that moment may never resolve.
+async fn ack(
+    unacked: Option<(lapin::Acker, usize)>,
+    lost: Pin<&mut impl Future<Output = anyhow::Error>>,
+) -> anyhow::Result<()> {
+    let Some((acker, _)) = unacked else {
+        return Ok(());
+    };
+    tokio::select! {
+        acked = acker.ack(BasicAckOptions { multiple: true }) => {
+            acked.context("acking stored results")?;
+            Ok(())
+        }
+        why = lost => Err(why),
     }
-    Ok(())
 }
 
 /// Stores a group in one transaction and returns the acker of its last delivery, whose multiple

@@ -60,12 +60,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     // The sessions run on a thread of their own, which writes the store too: a group goes from
     // lapin's I/O thread to this one and is committed and acked there, with no hop through the
-    // runtime's thread (which serves HTTP and runs the timers) nor to a blocking thread.
-    let runtime = tokio::runtime::Handle::current();
+    // thread that serves HTTP nor to a blocking thread. The thread has a runtime of its own, so
+    // that its timers and the readiness of the broker's socket (which lapin's I/O thread waits
+    // on) are polled here too: with the main runtime's handle, every frame and every timer set
+    // also woke the main thread (docs/BENCHMARKS.md, session 14).
     let outcome = tokio::task::spawn_blocking(move || {
-        runtime.block_on(sessions(
-            settings, writer, metrics, common, health, shutdown,
-        ))
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the collector's runtime")?
+            .block_on(sessions(
+                settings, writer, metrics, common, health, shutdown,
+            ))
     })
     .await
     .context("the collector's thread failed")

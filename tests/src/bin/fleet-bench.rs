@@ -97,8 +97,9 @@ struct Args {
     /// I/O tasks from one consumer, both at once).
     #[arg(long)]
     workers: bool,
-    /// With --workers: `primes` below this (11-15 ms of CPU each on the machine of
-    /// docs/BENCHMARKS.md, as fast as it was that hour).
+    /// With --workers: `primes` below this (11-15 ms of CPU each on the first machine of
+    /// docs/BENCHMARKS.md, 7.4-9 ms on the one of sessions 13-14, where 26,000,000 takes about
+    /// 10 ms).
     #[arg(long, default_value_t = 20_000_000)]
     below: u64,
     /// Run against a RabbitMQ node of the bench's own, started with these Erlang VM flags
@@ -1516,21 +1517,28 @@ async fn workers(
     // beside (this guest shares its host, and two threads rarely make a full 2x here).
     let mut busy = [Duration::ZERO; 2];
     let mut bare = [Duration::ZERO; 2];
+    // Each round's own speedups too: their median stands firmer than the sums when this guest's
+    // speed drifts between rounds (a slow one-worker round lifts the summed speedup).
+    let mut round_speedups = Vec::new();
+    let mut round_bare_speedups = Vec::new();
     for round in 1..=rounds {
+        let mut elapsed = [Duration::ZERO; 2];
         for (i, workers) in ["1", "2"].into_iter().enumerate() {
-            let elapsed = compute_round(vhost, workers, below, compute_tasks, round, extra).await?;
-            busy[i] += elapsed;
+            elapsed[i] = compute_round(vhost, workers, below, compute_tasks, round, extra).await?;
+            busy[i] += elapsed[i];
         }
+        round_speedups.push(elapsed[0].as_secs_f64() / elapsed[1].as_secs_f64());
         for (i, threads) in [1, 2].into_iter().enumerate() {
-            let elapsed =
+            elapsed[i] =
                 tokio::task::spawn_blocking(move || bare_round(threads, below, compute_tasks))
                     .await??;
             println!(
                 "round {round} bare threads={threads} primes below={below}: {:.1} tasks/s",
-                rate(compute_tasks, elapsed)
+                rate(compute_tasks, elapsed[i])
             );
-            bare[i] += elapsed;
+            bare[i] += elapsed[i];
         }
+        round_bare_speedups.push(elapsed[0].as_secs_f64() / elapsed[1].as_secs_f64());
     }
     let compute_tps = busy.map(|elapsed| rate(compute_tasks * rounds, elapsed));
     let bare_tps = bare.map(|elapsed| rate(compute_tasks * rounds, elapsed));
@@ -1565,12 +1573,14 @@ async fn workers(
     let speedup = compute_tps[1] / compute_tps[0];
     let bare_speedup = bare_tps[1] / bare_tps[0];
     println!(
-        "fleet-bench workers compute_tps_1={:.1} compute_tps_2={:.1} speedup={speedup:.2} bare_tps_1={:.1} bare_tps_2={:.1} bare_speedup={bare_speedup:.2} of_bare={:.2} io_tps={io_tps:.0} compute_tps_beside_io={mixed_tps:.1} io_tps_beside_compute={mixed_io_tps:.0}",
+        "fleet-bench workers compute_tps_1={:.1} compute_tps_2={:.1} speedup={speedup:.2} bare_tps_1={:.1} bare_tps_2={:.1} bare_speedup={bare_speedup:.2} of_bare={:.2} io_tps={io_tps:.0} compute_tps_beside_io={mixed_tps:.1} io_tps_beside_compute={mixed_io_tps:.0} speedup_round_median={:.2} bare_speedup_round_median={:.2}",
         compute_tps[0],
         compute_tps[1],
         bare_tps[0],
         bare_tps[1],
         speedup / bare_speedup,
+        median(&mut round_speedups),
+        median(&mut round_bare_speedups),
     );
     Ok(())
 }

@@ -371,20 +371,24 @@ impl Worker {
             let outcome =
                 std::panic::catch_unwind(AssertUnwindSafe(|| futures_executor::block_on(future)))
                     .unwrap_or_else(|panic| Err(panicked(panic.as_ref())));
-            drop(permit);
-            // The receiver is gone if the task timed out or the runtime is shutting down.
-            let _ = tx.send((outcome, slot));
+            // The slot goes back with the outcome, so the runtime is woken once: freed here, it
+            // would first wake a delivery waiting for a slot, then the send this handling. The
+            // receiver is gone if the task timed out or the runtime is shutting down; the send
+            // then hands the slot back and it is freed here, once the handler has returned.
+            let _ = tx.send((outcome, slot, permit));
         });
         Box::pin(async move {
-            rx.await.unwrap_or_else(|_| {
-                (
+            match rx.await {
+                // The slot is freed here, on the runtime's thread.
+                Ok((outcome, slot, _permit)) => (outcome, slot),
+                Err(_) => (
                     Err(HandlerError::retryable(
                         "lost",
                         "the worker thread went away",
                     )),
                     "?".to_owned(),
-                )
-            })
+                ),
+            }
         })
     }
 }

@@ -173,7 +173,7 @@ fn lost_of(
 /// Connects as `name`, declares the topology, sets `prefetch` and starts consuming `queue`.
 ///
 /// Used at start and after every connection loss. A failed attempt is tried again with
-/// exponential backoff (200 ms doubling to 5 s) until `amqp.reconnect_timeout_secs` of waiting
+/// jittered exponential backoff (100 ms growing to at most 5 s, [`backoff`]) until `amqp.reconnect_timeout_secs` of waiting
 /// have passed; that also covers RabbitMQ 3.10 closing the connection with INTERNAL_ERROR when
 /// `basic.consume` reaches a quorum queue whose Raft member has not started yet. A refusal of our
 /// credentials ([`AuthError`]) and bad settings fail at once. Returns `Ok(None)` when `shutdown`
@@ -202,12 +202,17 @@ pub async fn subscribe(
     }
 }
 
-/// The backoff between connection attempts: 200 ms doubling to 5 s, with jitter so a fleet of
-/// consumers does not reconnect in step, until `amqp.reconnect_timeout_secs` of waiting.
+/// The longest wait between two connection attempts, jitter included.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The backoff between connection attempts: a base of 100 ms doubling to 2.5 s, plus a random
+/// part of up to the base so a fleet of consumers does not reconnect in step (backon's jitter
+/// adds up to the current delay once more); so every wait is at most [`MAX_BACKOFF`], until
+/// `amqp.reconnect_timeout_secs` of waiting.
 pub fn backoff(settings: &Settings) -> ExponentialBuilder {
     ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(MAX_BACKOFF / 2)
         .with_jitter()
         .with_max_times(usize::MAX)
         .with_total_delay(Some(settings.reconnect_timeout()))
@@ -274,4 +279,31 @@ async fn start_consuming(
         publisher,
         deliveries,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backon::BackoffBuilder as _;
+
+    #[test]
+    fn backoff_waits_stay_within_the_cap_with_jitter_included() {
+        let settings = Settings::load_from(None, Vec::new()).expect("defaults");
+        for _ in 0..200 {
+            let waits: Vec<Duration> = backoff(&settings).build().take(30).collect();
+            assert_eq!(
+                waits.len(),
+                30,
+                "30 waits fit in the default reconnect timeout"
+            );
+            assert!(waits[0] >= Duration::from_millis(100), "{waits:?}");
+            assert!(waits[0] < Duration::from_millis(200), "{waits:?}");
+            assert!(waits.iter().all(|w| *w <= MAX_BACKOFF), "{waits:?}");
+        }
+        let tail: Vec<Duration> = backoff(&settings).build().skip(10).take(200).collect();
+        assert!(
+            tail.iter().all(|w| *w >= MAX_BACKOFF / 2),
+            "the base reaches 2.5 s: {tail:?}"
+        );
+    }
 }

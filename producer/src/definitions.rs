@@ -2,8 +2,8 @@
 //! vhost `fleet`, one user per role with the permissions of [`fleet_shared::roles`], and fresh
 //! random passwords, stored in the definitions only as salted SHA-256 hashes (RabbitMQ's
 //! `rabbit_password_hashing_sha256`). Each password is written to its own file
-//! (`DIR/fleet-<role>.password`, mode 0600), ready for `FLEET_AMQP__PASSWORD_FILE` or systemd's
-//! `LoadCredential=`. Load the definitions with `rabbitmqctl import_definitions` or the
+//! (`fleet-<role>.password`, mode 0600, in one folder or in a folder per role: [`Layout`]),
+//! ready for `FLEET_AMQP__PASSWORD_FILE` or systemd's `LoadCredential=`. Load the definitions with `rabbitmqctl import_definitions` or the
 //! `load_definitions` setting.
 
 use anyhow::Context as _;
@@ -12,7 +12,7 @@ use fleet_shared::roles::{self, Role};
 use rand::RngCore as _;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The vhost the definitions create.
 pub const VHOST: &str = "fleet";
@@ -70,16 +70,47 @@ pub fn definitions(passwords: &[(Role, String)]) -> Value {
     })
 }
 
-/// Writes `definitions.json` and one password file per role into `dir` (created if needed).
-/// An existing `definitions.json` is never overwritten: with `if_missing` that is success (a
-/// compose start after the first), otherwise an error.
+/// Where [`write`] puts each file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `DIR/definitions.json` and `DIR/fleet-<role>.password`: one machine holds them all and
+    /// hands each role its own file (systemd's `LoadCredential=`, a copy per machine).
+    Flat,
+    /// `DIR/broker/definitions.json` and `DIR/<role>/fleet-<role>.password`: one folder per
+    /// reader, so each can be a volume of its own and a container mounts only its role's
+    /// (docker compose).
+    Split,
+}
+
+impl Layout {
+    /// The definitions file under `dir`.
+    pub fn definitions(self, dir: &Path) -> PathBuf {
+        match self {
+            Self::Flat => dir.join("definitions.json"),
+            Self::Split => dir.join("broker").join("definitions.json"),
+        }
+    }
+
+    /// The password file of `role` under `dir`.
+    pub fn password(self, dir: &Path, role: &Role) -> PathBuf {
+        let file = format!("{}.password", user_name(role));
+        match self {
+            Self::Flat => dir.join(file),
+            Self::Split => dir.join(role.name).join(file),
+        }
+    }
+}
+
+/// Writes the definitions and one password file per role (mode 0600) under `dir` as `layout`
+/// says, creating the folders that are missing. The definitions are written last, so they exist
+/// only once every password does. An existing definitions file is never overwritten: with
+/// `if_missing` that is success (a compose start after the first), otherwise an error.
 ///
-/// Fails when `dir` cannot be written.
-pub fn write(dir: &Path, if_missing: bool) -> anyhow::Result<()> {
+/// Fails when a file cannot be written.
+pub fn write(dir: &Path, layout: Layout, if_missing: bool) -> anyhow::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let target = dir.join("definitions.json");
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let target = layout.definitions(dir);
     if if_missing && target.exists() {
         println!("{} exists; kept", target.display());
         return Ok(());
@@ -101,8 +132,17 @@ pub fn write(dir: &Path, if_missing: bool) -> anyhow::Result<()> {
             )
         })
         .collect();
+    let create_parent = |path: &Path, mode: u32| -> anyhow::Result<()> {
+        let parent = path.parent().expect("a file under dir has a parent");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))
+    };
     for (role, password) in &passwords {
-        let path = dir.join(format!("{}.password", user_name(role)));
+        let path = layout.password(dir, role);
+        create_parent(&path, 0o700)?;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -113,10 +153,12 @@ pub fn write(dir: &Path, if_missing: bool) -> anyhow::Result<()> {
         writeln!(file, "{password}").with_context(|| format!("writing {}", path.display()))?;
     }
     let text = serde_json::to_string_pretty(&definitions(&passwords))?;
+    // The definitions hold only salted hashes; the broker reads them as a user of its own.
+    create_parent(&target, 0o755)?;
     std::fs::write(&target, text + "\n")
         .with_context(|| format!("writing {}", target.display()))?;
     println!(
-        "wrote {} and a password file per user ({}) in {}",
+        "wrote {} and a password file per user ({}) under {}",
         target.display(),
         roles::ALL
             .iter()
@@ -131,6 +173,38 @@ pub fn write(dir: &Path, if_missing: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_split_layout_gives_each_reader_a_folder_of_its_own() {
+        let dir = std::env::temp_dir().join(format!("fleet-definitions-{}", std::process::id()));
+        write(&dir, Layout::Split, false).expect("write");
+        let mut found: Vec<String> = Vec::new();
+        for folder in std::fs::read_dir(&dir).expect("dir") {
+            let folder = folder.expect("entry").path();
+            for file in std::fs::read_dir(&folder).expect("folder") {
+                let file = file.expect("entry").path();
+                let name = |p: &Path| p.file_name().expect("name").to_string_lossy().into_owned();
+                found.push(format!("{}/{}", name(&folder), name(&file)));
+            }
+        }
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                "admin/fleet-admin.password",
+                "broker/definitions.json",
+                "collector/fleet-collector.password",
+                "consumer/fleet-consumer.password",
+                "producer/fleet-producer.password",
+            ]
+        );
+        write(&dir, Layout::Split, true).expect("a second start keeps them");
+        assert!(
+            write(&dir, Layout::Split, false).is_err(),
+            "never overwritten"
+        );
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
 
     #[test]
     fn the_hash_is_rabbitmqs_salted_sha256() {

@@ -54,6 +54,10 @@ enum Command {
         /// Do nothing (and succeed) when DIR already holds definitions.
         #[arg(long)]
         if_missing: bool,
+        /// A folder per reader: DIR/broker/definitions.json and DIR/<role>/fleet-<role>.password,
+        /// each ready to be a volume of its own (docker compose).
+        #[arg(long)]
+        split: bool,
     },
     /// Dead letters in fleet.dead: list, replay or purge them.
     Dlq {
@@ -188,8 +192,14 @@ fn main() -> ExitCode {
         }
         Command::Serve => fleet_shared::cli::run(settings, fleet_producer::api::serve),
         Command::Demo => fleet_shared::cli::run(settings, fleet_producer::demo::run),
-        Command::Definitions { out, if_missing } => {
-            match fleet_producer::definitions::write(&out, if_missing) {
+        Command::Definitions {
+            out,
+            if_missing,
+            split,
+        } => {
+            use fleet_producer::definitions::{self, Layout};
+            let layout = if split { Layout::Split } else { Layout::Flat };
+            match definitions::write(&out, layout, if_missing) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("error: {error:#}");

@@ -1,7 +1,7 @@
 # The few targets a person types. Everything else is cargo.
 CONSUMERS ?= 2
 
-.PHONY: test lint run demo bench soak
+.PHONY: test lint compose-smoke run demo bench soak
 
 test:            ## every test, starting a local broker if none answers
 	scripts/test
@@ -10,6 +10,9 @@ lint:            ## what CI checks besides the tests
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	scripts/check-deploy
+
+compose-smoke:   ## docker-compose.yml on a real Docker engine, checked (root; CI runs it)
+	scripts/compose-smoke
 
 run:             ## the compose topology as local processes: collector, API, CONSUMERS consumers
 	scripts/run-local $(CONSUMERS)

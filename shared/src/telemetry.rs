@@ -14,6 +14,15 @@ use tracing_subscriber::{EnvFilter, Layer as _};
 /// refused login or dropped connection. `RUST_LOG=info,lapin=debug` shows them.
 pub const DEFAULT_FILTER: &str = "info,lapin=off";
 
+/// True unless `metadata` is one of lapin's or amq-protocol's trace events: those print frames,
+/// and the login frame's SASL response holds the password (as a list of bytes). Whatever
+/// `RUST_LOG` says, these crates log at debug at most.
+fn not_a_frame(metadata: &tracing::Metadata<'_>) -> bool {
+    *metadata.level() < tracing::Level::TRACE
+        || !(metadata.target().starts_with("lapin")
+            || metadata.target().starts_with("amq_protocol"))
+}
+
 /// Installs the global subscriber. `RUST_LOG` wins over the `default` filter (e.g. `"info"`).
 /// Logs go to stderr so stdout stays for a command's output (batch ids, results).
 /// A second init (tests run many services in one process) changes nothing.
@@ -76,6 +85,7 @@ pub fn init_with(log: &LogSettings, default: &str, service: &str) -> Guard {
     });
     let _ = tracing_subscriber::registry()
         .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(not_a_frame))
         .with(lines)
         .with(spans)
         .try_init();

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use deadpool::managed::{Manager, RecycleError, RecycleResult};
-use fleet_shared::envelope::{HEADER_TRACEPARENT, Task};
+use fleet_shared::envelope::{self, HEADER_TRACEPARENT, Task};
 use fleet_shared::observe::{Health, Observer, register};
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher};
 use fleet_shared::settings::{Secret, Settings};
@@ -338,14 +338,9 @@ impl App {
     }
 }
 
-fn check_kind(kind: &str) -> Result<(), ApiError> {
-    if kind.is_empty() || kind.len() > 255 {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "`kind` must be 1 to 255 bytes",
-        ));
-    }
-    Ok(())
+/// A 400 naming the field when `value` is past the bound of a name ([`envelope::check_name`]).
+fn check_name(field: &'static str, value: &str) -> Result<(), ApiError> {
+    envelope::check_name(field, value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))
 }
 
 /// The caller's `traceparent`, if it sent a valid one.
@@ -371,7 +366,10 @@ async fn create_task(
     body: Result<Json<NewTask>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(new) = body.map_err(bad_request)?;
-    check_kind(&new.kind)?;
+    check_name("kind", &new.kind)?;
+    if let Some(id) = &new.id {
+        check_name("id", id)?;
+    }
     let id = new.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let span = tracing::info_span!("publish", kind = %new.kind, task_id = %id);
     // The task's parent is this request's span: in the caller's trace, or a new one.
@@ -396,7 +394,7 @@ async fn create_batch(
     body: Result<Json<NewBatch>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(new) = body.map_err(bad_request)?;
-    check_kind(&new.kind)?;
+    check_name("kind", &new.kind)?;
     if new.payloads.is_empty() || new.payloads.len() > app.max_batch {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

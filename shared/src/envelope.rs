@@ -33,6 +33,42 @@ pub const BATCH_TYPE: &str = "batch";
 /// AMQP `type` property of a result group on the result path (`consumer.results_per_message`).
 pub const RESULTS_TYPE: &str = "results";
 
+/// The most bytes a task id, batch id or kind holds. Each travels as an AMQP short string
+/// (`message_id`, `correlation_id`, `type`, the routing key), and those stop at 255 bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// A field past its documented bound.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{field}` {problem}")]
+pub struct FieldError {
+    /// The field, as the wire contract names it (`id`, `batch`, `kind`, `task_id`).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// Checks a name: a task id, batch id or kind is 1 to [`MAX_NAME_BYTES`] bytes of text without
+/// control characters (so it fits an AMQP short string and prints as one line).
+///
+/// Fails with the field and what is wrong.
+pub fn check_name(field: &'static str, value: &str) -> Result<(), FieldError> {
+    let problem = if value.is_empty() {
+        "must not be empty".to_owned()
+    } else if value.len() > MAX_NAME_BYTES {
+        format!("is {} bytes; the most is {MAX_NAME_BYTES}", value.len())
+    } else if value.chars().any(char::is_control) {
+        "holds a control character".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(FieldError { field, problem })
+}
+
+/// Checks `batch` when there is one.
+fn check_batch(batch: Option<&str>) -> Result<(), FieldError> {
+    batch.map_or(Ok(()), |b| check_name("batch", b))
+}
+
 /// A task as published to `fleet.tasks` with routing key = `kind`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
@@ -53,6 +89,15 @@ pub struct Task {
 }
 
 impl Task {
+    /// Checks every field's bound ([`check_name`]).
+    ///
+    /// Fails with the first field past its bound.
+    pub fn check(&self) -> Result<(), FieldError> {
+        check_name("id", &self.id)?;
+        check_name("kind", &self.kind)?;
+        check_batch(self.batch.as_deref())
+    }
+
     /// A new v1 task created now.
     pub fn new(id: String, kind: String, batch: Option<String>, payload: Value) -> Self {
         Self {
@@ -121,6 +166,17 @@ pub struct TaskResult {
     pub traceparent: Option<String>,
 }
 
+impl TaskResult {
+    /// Checks every name's bound ([`check_name`]).
+    ///
+    /// Fails with the first field past its bound.
+    pub fn check(&self) -> Result<(), FieldError> {
+        check_name("task_id", &self.task_id)?;
+        check_name("kind", &self.kind)?;
+        check_batch(self.batch.as_deref())
+    }
+}
+
 /// Published to the result path with a batch, so the collector knows its size.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BatchManifest {
@@ -138,6 +194,14 @@ pub struct BatchManifest {
 }
 
 impl BatchManifest {
+    /// Checks every name's bound ([`check_name`]).
+    ///
+    /// Fails with the first field past its bound.
+    pub fn check(&self) -> Result<(), FieldError> {
+        check_name("batch", &self.batch)?;
+        check_name("kind", &self.kind)
+    }
+
     /// The manifest of `batch`, `total` tasks of `kind`.
     pub fn new(batch: String, total: u64, kind: String) -> Self {
         Self {
@@ -213,6 +277,9 @@ pub enum DecodeError {
     /// No `v` field.
     #[error("undecodable body: no envelope version `v`")]
     NoVersion,
+    /// A field past its bound.
+    #[error("invalid field: {0}")]
+    Field(#[from] FieldError),
 }
 
 /// What is read of a body before it is decoded as a whole: its version and, on the result
@@ -247,19 +314,20 @@ impl<'a> Head<'a> {
 pub fn decode_task(body: &[u8]) -> Result<Task, DecodeError> {
     Head::read(body)?;
     let task: Task = serde_json::from_slice(body)?;
-    if task.kind.is_empty() || task.id.is_empty() {
-        return Err(DecodeError::Malformed(serde::de::Error::custom(
-            "`id` and `kind` must not be empty",
-        )));
-    }
+    task.check()?;
     Ok(task)
 }
 
 /// Decodes what arrives on the result path: a result, a batch manifest or a result group.
-/// A group must hold at least one result, each of version [`VERSION`].
+/// A group must hold at least one result, each of version [`VERSION`]; every name is within its
+/// bound ([`check_name`]).
 pub fn decode_result(body: &[u8]) -> Result<ResultMessage, DecodeError> {
     match Head::read(body)?.kind_of_message.as_deref() {
-        Some(BATCH_TYPE) => Ok(ResultMessage::Manifest(serde_json::from_slice(body)?)),
+        Some(BATCH_TYPE) => {
+            let manifest: BatchManifest = serde_json::from_slice(body)?;
+            manifest.check()?;
+            Ok(ResultMessage::Manifest(manifest))
+        }
         Some(RESULTS_TYPE) => {
             let group: ResultGroup<TaskResult> = serde_json::from_slice(body)?;
             if group.results.is_empty() {
@@ -270,9 +338,16 @@ pub fn decode_result(body: &[u8]) -> Result<ResultMessage, DecodeError> {
             if let Some(other) = group.results.iter().find(|r| r.v != VERSION) {
                 return Err(DecodeError::Version(other.v.into()));
             }
+            for result in &group.results {
+                result.check()?;
+            }
             Ok(ResultMessage::Results(group.results))
         }
-        _ => Ok(ResultMessage::Result(serde_json::from_slice(body)?)),
+        _ => {
+            let result: TaskResult = serde_json::from_slice(body)?;
+            result.check()?;
+            Ok(ResultMessage::Result(result))
+        }
     }
 }
 
@@ -380,6 +455,53 @@ mod tests {
             "created_at":"2026-01-01T00:00:00Z","deadline":null}"#;
         let task = decode_task(body).expect("decodes");
         assert_eq!(task.payload["n"], 3411);
+    }
+
+    #[test]
+    fn names_past_their_bounds_are_refused_naming_the_field() {
+        let body = |id: &str, batch: &str| {
+            encode(&json!({"v": 1, "id": id, "kind": "square", "batch": batch,
+                "payload": {}, "created_at": "2026-01-01T00:00:00Z"}))
+        };
+        let refused = |body: Vec<u8>| decode_task(&body).expect_err("refused").to_string();
+        assert!(decode_task(&body(&"i".repeat(255), &"b".repeat(255))).is_ok());
+        assert_eq!(
+            refused(body(&"i".repeat(256), "b")),
+            "invalid field: `id` is 256 bytes; the most is 255"
+        );
+        assert_eq!(
+            refused(body("i", &"é".repeat(128))),
+            "invalid field: `batch` is 256 bytes; the most is 255"
+        );
+        assert_eq!(
+            refused(body("", "b")),
+            "invalid field: `id` must not be empty"
+        );
+        assert_eq!(
+            refused(body("a\u{1b}[2J", "b")),
+            "invalid field: `id` holds a control character"
+        );
+        let mut long = result("t1");
+        long.task_id = "t".repeat(300);
+        assert!(matches!(
+            decode_result(&encode(&long)),
+            Err(DecodeError::Field(FieldError {
+                field: "task_id",
+                ..
+            }))
+        ));
+        assert!(matches!(
+            decode_result(&encode(&ResultGroup::new(vec![result("t2"), long]))),
+            Err(DecodeError::Field(FieldError {
+                field: "task_id",
+                ..
+            }))
+        ));
+        let manifest = BatchManifest::new("b".repeat(256), 1, "square".into());
+        assert!(matches!(
+            decode_result(&encode(&manifest)),
+            Err(DecodeError::Field(FieldError { field: "batch", .. }))
+        ));
     }
 
     #[test]

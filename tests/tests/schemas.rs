@@ -95,3 +95,36 @@ fn encoded_messages_match_the_shipped_schemas() {
         "square".into()
     ))));
 }
+
+#[test]
+fn the_schemas_state_the_bounds_the_decoder_checks() {
+    let task = schema("task.v1.json");
+    let manifest = schema("batch.v1.json");
+    let with = |id: &str, batch: &str| {
+        encoded(&Task::new(
+            id.into(),
+            "square".into(),
+            Some(batch.into()),
+            json!({}),
+        ))
+    };
+    let within = with(&"i".repeat(255), "b");
+    assert!(task.is_valid(&within));
+    assert!(envelope::decode_task(&envelope::encode(&within)).is_ok());
+    for (id, batch) in [
+        ("i".repeat(256), "b".to_owned()),
+        (String::new(), "b".to_owned()),
+        ("a\u{1b}[2J".to_owned(), "b".to_owned()),
+        ("i".to_owned(), "b".repeat(256)),
+        ("i".to_owned(), "b\u{85}".to_owned()),
+    ] {
+        let past = with(&id, &batch);
+        assert!(!task.is_valid(&past), "the schema refuses {past}");
+        assert!(
+            envelope::decode_task(&envelope::encode(&past)).is_err(),
+            "the decoder refuses {past}"
+        );
+    }
+    let long = encoded(&BatchManifest::new("b".repeat(256), 1, "square".into()));
+    assert!(!manifest.is_valid(&long));
+}

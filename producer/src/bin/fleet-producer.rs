@@ -24,7 +24,8 @@ struct Args {
 enum Command {
     /// Publish one batch: one task per JSON line of INPUT; prints the batch id.
     Submit {
-        /// Task kind (routing key), e.g. `square`.
+        /// Task kind (routing key), e.g. `square`: 1 to 255 bytes, no control characters.
+        #[arg(value_parser = name_arg)]
         kind: String,
         /// JSON lines, one payload per line; `-` for stdin.
         #[arg(long)]
@@ -108,6 +109,13 @@ enum Dlq {
         #[arg(long)]
         all: bool,
     },
+}
+
+/// A kind as an argument: within the bound of a name, else clap's usage error (exit 2).
+fn name_arg(value: &str) -> Result<String, String> {
+    fleet_shared::envelope::check_name("kind", value)
+        .map(|()| value.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 fn select(id: Option<String>) -> dlq::Select {

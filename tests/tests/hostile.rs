@@ -1,0 +1,159 @@
+//! Input from a hostile or careless publisher, sent as an attacker with one role's credentials
+//! would: past every documented bound, straight to the exchange or through the HTTP API. Nothing
+//! of it may stall a worker, and every refusal names what was wrong.
+
+use fleet_producer::client::CollectorClient;
+use fleet_producer::submit;
+use fleet_shared::publisher::Outgoing;
+use fleet_shared::topology;
+use fleet_tests::{Service, Vhost, complete, drain_dead, eventually, unacked};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// A task body with these fields, published with no AMQP properties at all, as raw AMQP from
+/// another language may.
+fn raw_task(id: &str, batch: Option<&str>) -> Outgoing {
+    let body = json!({"v": 1, "id": id, "kind": "square", "batch": batch,
+        "payload": {"n": 2}, "created_at": "2026-01-01T00:00:00Z"});
+    Outgoing {
+        exchange: topology::TASKS_EXCHANGE.to_owned(),
+        routing_key: "square".to_owned(),
+        body: serde_json::to_vec(&body).expect("JSON"),
+        properties: lapin::BasicProperties::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ids_and_batches_past_their_bounds_are_dead_lettered_and_the_consumer_goes_on() {
+    let vhost = Vhost::new();
+    // One slot and a small prefetch: twelve stuck deliveries used to stop such a consumer, and
+    // grouped results took the panic into the publishing task of every result.
+    let settings = vhost.settings(&[
+        ("FLEET_CONSUMER__WORKERS", "1"),
+        ("FLEET_CONSUMER__IO_CONCURRENCY", "1"),
+        ("FLEET_CONSUMER__RESULTS_PER_MESSAGE", "256"),
+    ]);
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+
+    let long = "i".repeat(256);
+    let mut bad = Vec::new();
+    for i in 0..20 {
+        bad.push(raw_task(&format!("{long}{i}"), None));
+        bad.push(raw_task(&format!("ok-id-{i}"), Some(&"b".repeat(300))));
+    }
+    bad.push(raw_task("", None));
+    bad.push(raw_task("a\u{1b}[2Jfake row", None));
+    let sent = bad.len();
+    assert_eq!(
+        publisher.publish_all(bad).await.expect("published"),
+        sent as u64
+    );
+
+    let good = submit::publish_batch(
+        &publisher,
+        "square",
+        (0..100i64).map(|n| json!({ "n": n })).collect(),
+    )
+    .await
+    .expect("published");
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let status = complete(&client, &good.batch, Duration::from_secs(60)).await;
+    assert_eq!((status.done, status.ok), (100, 100));
+
+    let dead = eventually("every bad task dead-lettered", Duration::from_secs(30), {
+        let settings = settings.clone();
+        let mut all = Vec::new();
+        move || {
+            let settings = settings.clone();
+            let mut so_far = std::mem::take(&mut all);
+            async move {
+                so_far.extend(drain_dead(&settings).await);
+                (so_far.len() >= sent).then_some(so_far)
+            }
+        }
+    })
+    .await;
+    assert_eq!(dead.len(), sent, "exactly the bad tasks are dead");
+    let count = |needle: &str| dead.iter().filter(|(r, _)| r.contains(needle)).count();
+    assert_eq!(
+        count("invalid field: `id` is 257 bytes; the most is 255"),
+        10
+    );
+    assert_eq!(
+        count("invalid field: `id` is 258 bytes; the most is 255"),
+        10
+    );
+    assert_eq!(
+        count("invalid field: `batch` is 300 bytes; the most is 255"),
+        20
+    );
+    assert_eq!(count("invalid field: `id` must not be empty"), 1);
+    assert_eq!(count("invalid field: `id` holds a control character"), 1);
+    assert_eq!(unacked(&vhost.name), 0, "nothing left unsettled");
+    assert!(consumer.is_running());
+
+    let _ = connection.close(200, "done".into()).await;
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_api_refuses_names_past_their_bounds_with_a_400_naming_the_field() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let api = Service::producer_api(&settings);
+    let base = format!("http://{}", settings.producer.listen);
+    let http = reqwest::Client::new();
+    eventually("the API to be ready", Duration::from_secs(30), || async {
+        let ready = http.get(format!("{base}/readyz")).send().await.ok()?;
+        ready.status().is_success().then_some(())
+    })
+    .await;
+
+    let post = |path: &'static str, body: Value| {
+        let http = http.clone();
+        let url = format!("{base}{path}");
+        async move {
+            let answer = http.post(url).json(&body).send().await.expect("answered");
+            let status = answer.status().as_u16();
+            let body: Value = answer.json().await.expect("a JSON body");
+            (
+                status,
+                body["error"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+    };
+    let task = |id: &str, kind: &str| json!({"kind": kind, "payload": {"n": 1}, "id": id});
+    let cases = [
+        (
+            post("/v1/tasks", task(&"i".repeat(256), "square")).await,
+            "`id` is 256 bytes; the most is 255",
+        ),
+        (
+            post("/v1/tasks", task("", "square")).await,
+            "`id` must not be empty",
+        ),
+        (
+            post("/v1/tasks", task("x\ny", "square")).await,
+            "`id` holds a control character",
+        ),
+        (
+            post("/v1/tasks", task("fine", &"k".repeat(256))).await,
+            "`kind` is 256 bytes; the most is 255",
+        ),
+        (
+            post("/v1/batches", json!({"kind": "", "payloads": [{}]})).await,
+            "`kind` must not be empty",
+        ),
+    ];
+    for ((status, error), expected) in cases {
+        assert_eq!((status, error.as_str()), (400, expected));
+    }
+    let (status, _) = post("/v1/tasks", task(&"i".repeat(255), "square")).await;
+    assert_eq!(status, 202, "255 bytes is within the bound");
+    api.stop().await.expect("API stops cleanly");
+}

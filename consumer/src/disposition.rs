@@ -36,7 +36,7 @@ pub fn decide(
 ) -> Disposition {
     match outcome {
         Outcome::Ok => Disposition::Complete,
-        Outcome::Failed(error) if error.retryable && attempt + 1 < max_attempts => {
+        Outcome::Failed(error) if error.retryable && attempt.saturating_add(1) < max_attempts => {
             let index = usize::try_from(attempt).unwrap_or(usize::MAX);
             let delay_ms = delays_ms
                 .get(index)
@@ -68,6 +68,7 @@ mod tests {
             (&retryable, 4, 5, Disposition::Fail),
             (&retryable, 0, 1, Disposition::Fail),
             (&permanent, 0, 5, Disposition::Fail),
+            (&retryable, u32::MAX, 5, Disposition::Fail),
         ];
         for (outcome, attempt, max, expected) in table {
             assert_eq!(

@@ -9,6 +9,7 @@
 //! - [`results`]: results, each confirmed before its ack; optionally several in one message.
 //! - [`disposition`]: outcome -> complete, retry or fail (the delivery-semantics table).
 //! - [`pool`]: the compute pool, exactly `workers` threads that sleep when idle.
+//! - [`progress`]: whether deliveries in hand still settle, for `/readyz`.
 //! - [`metrics`]: what `/metrics` on `consumer.listen` shows (with `/healthz` and `/readyz`).
 
 pub mod acks;
@@ -16,6 +17,7 @@ pub mod disposition;
 pub mod handlers;
 pub mod metrics;
 pub mod pool;
+pub mod progress;
 pub mod registry;
 pub mod results;
 pub mod worker;
@@ -77,6 +79,12 @@ pub async fn run(
     );
     // Every delivery ever started, for the final drain.
     let in_flight = TaskTracker::new();
+    let watchdog = AbortOnDrop(tokio::spawn(progress::watch(
+        Arc::clone(&worker),
+        in_flight.clone(),
+        Arc::clone(&health),
+        progress::stall_after(&settings),
+    )));
     let queues = topology::work_queues(&settings);
     // Once, when the first lane is consuming.
     let announced = std::sync::Once::new();
@@ -148,10 +156,20 @@ pub async fn run(
         }
         subscription.close().await;
     }
+    drop(watchdog);
     http_shutdown.cancel();
     let _ = server.await;
     tracing::info!("fleet-consumer stopped");
     Ok(())
+}
+
+/// Aborts a spawned task when dropped, on every way out of [`run`].
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What every lane of a consumer shares.

@@ -131,7 +131,31 @@ impl Worker {
     async fn handle_in_span(&self, delivery: Delivery, channel: Arc<Settle>, trace: TraceParent) {
         let _in_flight = self.metrics.handling();
         let tag = delivery.delivery_tag;
-        match self.process(&delivery, &channel, trace).await {
+        // A panic anywhere in the handling settles this delivery alone: it is dead-lettered
+        // with the panic's message, and the consumer goes on.
+        let processed = match AssertUnwindSafe(self.process(&delivery, &channel, trace))
+            .catch_unwind()
+            .await
+        {
+            Ok(processed) => processed,
+            Err(panic) => {
+                let reason = format!("panicked while handling: {}", panic_message(panic.as_ref()));
+                tracing::error!(%reason, "dead-lettering the delivery");
+                let who = published_by(&delivery, self.own_user.as_deref());
+                self.metrics.ended(UNKNOWN_KIND, TaskOutcome::Rejected);
+                self.metrics.dead_lettered(UNKNOWN_KIND);
+                dead_letter(
+                    &channel.publisher,
+                    &delivery,
+                    &reason,
+                    attempt_of(&delivery),
+                    who.as_deref(),
+                )
+                .await
+                .map(|()| Settled::Confirmed)
+            }
+        };
+        match processed {
             Ok(Settled::Confirmed) => {
                 channel.acks.ack(tag);
                 self.settled.fetch_add(1, Ordering::Relaxed);
@@ -275,7 +299,7 @@ impl Worker {
             status,
             output,
             error,
-            attempts: attempt + 1,
+            attempts: attempt.saturating_add(1),
             worker: format!("{}/{slot}", self.identity),
             started_at,
             finished_at,
@@ -303,7 +327,7 @@ impl Worker {
                 let mut headers = vec![
                     (
                         envelope::HEADER_ATTEMPT,
-                        AMQPValue::LongLongInt((attempt + 1).into()),
+                        AMQPValue::LongLongInt(attempt.saturating_add(1).into()),
                     ),
                     (
                         envelope::HEADER_DELAY,
@@ -332,12 +356,12 @@ impl Worker {
                 let reason = error
                     .as_ref()
                     .map_or_else(String::new, |e| format!("{}: {}", e.kind, e.message));
-                tracing::warn!(task_id = %task.id, kind = %task.kind, attempts = attempt + 1, %reason, "task failed");
+                tracing::warn!(task_id = %task.id, kind = %task.kind, attempts = attempt.saturating_add(1), %reason, "task failed");
                 channel
                     .results
                     .publish(result(Status::Failed, None, error))
                     .await?;
-                dead_letter(publisher, delivery, &reason, attempt + 1, who).await?;
+                dead_letter(publisher, delivery, &reason, attempt.saturating_add(1), who).await?;
                 self.metrics.ended(kind, TaskOutcome::Failed);
                 self.metrics.dead_lettered(kind);
                 Ok(Settled::Confirmed)
@@ -472,12 +496,19 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 fn panicked(panic: &(dyn std::any::Any + Send)) -> HandlerError {
-    let message = panic
+    HandlerError::permanent(
+        "panic",
+        format!("handler panicked: {}", panic_message(panic)),
+    )
+}
+
+/// What a panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".to_owned());
-    HandlerError::permanent("panic", format!("handler panicked: {message}"))
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
 /// Returns a delivery to its queue.
@@ -512,7 +543,8 @@ pub fn published_by(delivery: &Delivery, own_user: Option<&str>) -> Option<Strin
     }
 }
 
-/// The `x-fleet-attempt` header: attempts before this delivery (0 when absent).
+/// The `x-fleet-attempt` header: attempts before this delivery (0 when absent or negative; a
+/// count past `u32::MAX` is `u32::MAX`, so a forged count never starts the attempts afresh).
 pub fn attempt_of(delivery: &Delivery) -> u32 {
     let value = delivery
         .properties
@@ -529,5 +561,5 @@ pub fn attempt_of(delivery: &Delivery) -> u32 {
         Some(AMQPValue::ShortShortUInt(n)) => n.into(),
         _ => 0,
     };
-    u32::try_from(n).unwrap_or(0)
+    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }

@@ -48,6 +48,8 @@ pub struct Health {
     connected: AtomicBool,
     topology: AtomicBool,
     consuming: AtomicBool,
+    /// Set when deliveries in hand stop settling (the consumer's watchdog).
+    stalled: AtomicBool,
     publishes_only: bool,
 }
 
@@ -78,6 +80,11 @@ impl Health {
         self.consuming.store(consuming, Ordering::Relaxed);
     }
 
+    /// Whether deliveries in hand still settle (a consumer's own reading).
+    pub fn progressing(&self, progressing: bool) {
+        self.stalled.store(!progressing, Ordering::Relaxed);
+    }
+
     /// A subscription is up: connected, topology in place, consuming.
     pub fn subscribed(&self) {
         self.connected(true);
@@ -90,12 +97,14 @@ impl Health {
         self.connected(false);
     }
 
-    /// Ready to do work: connected, topology in place, and consuming (unless publishing only).
+    /// Ready to do work: connected, topology in place, consuming (unless publishing only) and
+    /// not stuck.
     pub fn is_ready(&self) -> bool {
         let connected = self.connected.load(Ordering::Relaxed);
         let topology = self.topology.load(Ordering::Relaxed);
         let consuming = self.publishes_only || self.consuming.load(Ordering::Relaxed);
-        connected && topology && consuming
+        let stalled = self.stalled.load(Ordering::Relaxed);
+        connected && topology && consuming && !stalled
     }
 
     fn report(&self) -> serde_json::Value {
@@ -106,6 +115,7 @@ impl Health {
         });
         if !self.publishes_only {
             report["consuming"] = self.consuming.load(Ordering::Relaxed).into();
+            report["progressing"] = (!self.stalled.load(Ordering::Relaxed)).into();
         }
         report
     }

@@ -185,31 +185,66 @@ pub async fn list(settings: &Settings) -> anyhow::Result<Vec<DeadLetter>> {
     Ok(letters)
 }
 
+/// What `replay` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Tasks published back to `fleet.tasks` (and removed from `fleet.dead`).
+    pub replayed: u64,
+    /// Selected dead messages left where they are because they are no task ([`replayable`]).
+    pub kept: u64,
+}
+
+/// Whether a dead message may go back to the task path: only a task does, by its shape (the
+/// body decodes as a v1 task) and by where it came from (routed by its own kind, as every task
+/// published to `fleet.tasks` is, and not set aside from the result path). Anything else, a
+/// result or a manifest above all, stays in `fleet.dead`: replay never publishes to the result
+/// path, so no role can launder a forged result or manifest through an admin's replay.
+///
+/// Fails with the reason it is no task.
+pub fn replayable(delivery: &lapin::message::Delivery) -> Result<(), String> {
+    let task = envelope::decode_task(&delivery.data).map_err(|e| format!("not a task: {e}"))?;
+    let routing_key = delivery.routing_key.as_str();
+    if routing_key == topology::RESULTS_QUEUE {
+        return Err("set aside from the result path".to_owned());
+    }
+    if routing_key != task.kind {
+        return Err(format!(
+            "routed as `{routing_key}`, not as its kind `{}`",
+            task.kind
+        ));
+    }
+    Ok(())
+}
+
 /// Publishes the selected dead tasks back to `fleet.tasks` with their routing key, attempts
 /// reset to 0 and the dead-letter headers removed; each dead copy is acked only after the broker
 /// confirmed its replay, so a failure midway loses nothing (it may replay a task twice).
-/// Dead results (undecodable ones the collector set aside) go back to `fleet.results`.
+/// Selected messages that are no task ([`replayable`]) are kept, and counted.
 ///
-/// Returns how many were replayed. Fails when the broker cannot be reached or a replay is not
-/// confirmed.
-pub async fn replay(settings: &Settings, select: &Select) -> anyhow::Result<u64> {
-    let mut replayed = 0;
+/// Fails when the broker cannot be reached or a replay is not confirmed.
+pub async fn replay(settings: &Settings, select: &Select) -> anyhow::Result<Replayed> {
+    let mut done = Replayed::default();
     each(settings, |message, publisher| {
         let chosen = select.matches(&describe(&message));
-        if chosen {
-            replayed += 1;
+        let task = chosen && {
+            let replayable = replayable(&message.delivery);
+            if let Err(why) = &replayable {
+                tracing::warn!(id = ?message.delivery.properties.message_id(), %why, "kept in fleet.dead");
+            }
+            replayable.is_ok()
+        };
+        if task {
+            done.replayed += 1;
+        } else if chosen {
+            done.kept += 1;
         }
         async move {
-            if !chosen {
+            if !task {
                 return Ok(());
             }
             let delivery = &message.delivery;
             let routing_key = delivery.routing_key.as_str();
-            let exchange = if routing_key == topology::RESULTS_QUEUE {
-                ""
-            } else {
-                topology::TASKS_EXCHANGE
-            };
+            let exchange = topology::TASKS_EXCHANGE;
             let mut headers = task_headers(0);
             if let Some(old) = delivery.properties.headers() {
                 for (key, value) in old.inner() {
@@ -245,7 +280,7 @@ pub async fn replay(settings: &Settings, select: &Select) -> anyhow::Result<u64>
         }
     })
     .await?;
-    Ok(replayed)
+    Ok(done)
 }
 
 /// Removes the selected dead messages for good; returns how many.

@@ -4,11 +4,13 @@ use fleet_consumer::registry::{HandlerError, TaskContext, Work};
 use fleet_producer::client::CollectorClient;
 use fleet_producer::dlq::DeadLetter;
 use fleet_producer::submit;
+use fleet_shared::envelope::BatchManifest;
 use fleet_shared::envelope::{Status, Task};
 use fleet_shared::publisher::Outgoing;
+use fleet_shared::roles::{self, Role};
 use fleet_shared::topology;
 use fleet_tests::process::binary;
-use fleet_tests::{Service, Vhost, eventually, ready, settings_of};
+use fleet_tests::{Service, User, Vhost, eventually, ready, settings_of};
 use serde_json::{Value, json};
 use std::process::Command;
 use std::time::Duration;
@@ -134,8 +136,8 @@ async fn dead_letters_are_listed_replayed_once_and_purged() {
         "attempts start again"
     );
 
-    // Replay the rest: the two `later` tasks run; the undecodable ones die again.
-    assert_eq!(dlq(&env, &["replay", "--all"]).trim(), "replayed 4");
+    // Replay the rest: the two `later` tasks run; the undecodable ones are no tasks and stay.
+    assert_eq!(dlq(&env, &["replay", "--all"]).trim(), "replayed 2");
     for id in ["later-0", "later-2"] {
         let result = eventually(id, Duration::from_secs(30), || async {
             client.task(id).await.ok().flatten()
@@ -144,7 +146,7 @@ async fn dead_letters_are_listed_replayed_once_and_purged() {
         assert_eq!(result.status, Status::Ok);
     }
     eventually(
-        "the undecodable two back in fleet.dead",
+        "the undecodable two still in fleet.dead",
         Duration::from_secs(30),
         || async { (ready(&settings, topology::DEAD_QUEUE).await == 2).then_some(()) },
     )
@@ -159,5 +161,194 @@ async fn dead_letters_are_listed_replayed_once_and_purged() {
     assert!(listed(&env).is_empty());
     assert_eq!(ready(&settings, topology::DEAD_QUEUE).await, 0);
     consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+/// A connection as `role`'s user, and its confirmed publisher.
+async fn as_role(
+    vhost: &Vhost,
+    role: Role,
+) -> (User, lapin::Connection, fleet_shared::publisher::Publisher) {
+    let user = User::new();
+    user.permit(&vhost.name, role.configure, role.write, role.read);
+    let settings = settings_of(&vhost.env_as(&user, &[]));
+    let (connection, publisher) = submit::connect_publisher(&settings, "test-forger")
+        .await
+        .expect("every role may connect and publish somewhere");
+    (user, connection, publisher)
+}
+
+/// A result-shaped body claiming task `id` of `batch` ended ok, published by the admin.
+fn forged_result(id: &str, batch: &str) -> Vec<u8> {
+    serde_json::to_vec(
+        &json!({"v": 1, "task_id": id, "batch": batch, "kind": "square",
+        "status": "ok", "output": {"forged": true}, "error": null, "attempts": 1,
+        "worker": "x/1/0", "started_at": "2026-01-01T00:00:00Z",
+        "finished_at": "2026-01-01T00:00:00Z", "published_by": "fleet-admin"}),
+    )
+    .expect("JSON")
+}
+
+fn to(exchange: &str, routing_key: &str, body: Vec<u8>) -> Outgoing {
+    Outgoing {
+        exchange: exchange.to_owned(),
+        routing_key: routing_key.to_owned(),
+        body,
+        properties: lapin::BasicProperties::default(),
+    }
+}
+
+/// Publishes as `role`, waits for `n` dead letters, replays them all as the admin, and checks
+/// none was replayed.
+async fn forged_then_replayed(vhost: &Vhost, role: Role, forgeries: Vec<Outgoing>) {
+    let env = vhost.env(&[]);
+    let settings = settings_of(&env);
+    let n = forgeries.len();
+    let (_user, connection, publisher) = as_role(vhost, role).await;
+    publisher
+        .publish_all(forgeries)
+        .await
+        .expect("the role may publish these");
+    let _ = connection.close(200, "done".into()).await;
+    eventually(
+        "the forgeries dead-lettered",
+        Duration::from_secs(30),
+        || async { (ready(&settings, topology::DEAD_QUEUE).await == n as u32).then_some(()) },
+    )
+    .await;
+    let replay = Command::new(binary("fleet-producer"))
+        .args(["dlq", "replay", "--all"])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("running dlq replay");
+    assert!(replay.status.success());
+    assert_eq!(String::from_utf8_lossy(&replay.stdout).trim(), "replayed 0");
+    assert!(
+        String::from_utf8_lossy(&replay.stderr)
+            .contains(&format!("kept {n} dead messages that are not tasks")),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert_eq!(
+        ready(&settings, topology::DEAD_QUEUE).await,
+        n as u32,
+        "kept in fleet.dead"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_producer_cannot_get_a_forged_result_stored_not_even_through_replay() {
+    let vhost = Vhost::new();
+    let settings = settings_of(&vhost.env(&[]));
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    // The victim: a batch of one task that has not run.
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    publisher
+        .publish(Outgoing::manifest(&BatchManifest::new(
+            "victim".into(),
+            1,
+            "square".into(),
+        )))
+        .await
+        .expect("manifest");
+    let _ = connection.close(200, "done".into()).await;
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    eventually(
+        "the victim batch known",
+        Duration::from_secs(30),
+        || async { client.batch("victim").await.ok().flatten() },
+    )
+    .await;
+
+    // A result into the task path with the result queue's name as its routing key (the consumer
+    // dead-letters it keeping that key), and one through the exchange of manifests.
+    forged_then_replayed(
+        &vhost,
+        roles::PRODUCER,
+        vec![
+            to(
+                topology::TASKS_EXCHANGE,
+                topology::RESULTS_QUEUE,
+                forged_result("forged-1", "victim"),
+            ),
+            to(
+                topology::BATCHES_EXCHANGE,
+                "",
+                forged_result("forged-2", "victim"),
+            ),
+        ],
+    )
+    .await;
+    // The admin may write the default exchange; the collector still trusts only fleet.results.
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    publisher
+        .publish(to(
+            "",
+            topology::RESULTS_QUEUE,
+            forged_result("forged-3", "victim"),
+        ))
+        .await
+        .expect("published");
+    let _ = connection.close(200, "done".into()).await;
+    eventually(
+        "the third forgery dead-lettered",
+        Duration::from_secs(30),
+        || async { (ready(&settings, topology::DEAD_QUEUE).await == 3).then_some(()) },
+    )
+    .await;
+
+    for id in ["forged-1", "forged-2", "forged-3"] {
+        assert!(
+            client.task(id).await.expect("collector answers").is_none(),
+            "{id} stored"
+        );
+    }
+    let victim = client
+        .batch("victim")
+        .await
+        .expect("answers")
+        .expect("known");
+    assert_eq!((victim.done, victim.complete), (0, false));
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_cannot_get_a_forged_manifest_counted_not_even_through_replay() {
+    let vhost = Vhost::new();
+    let settings = settings_of(&vhost.env(&[]));
+    let collector = Service::collector(&settings);
+    let manifest = |batch: &str| {
+        fleet_shared::envelope::encode(&BatchManifest::new(batch.into(), 0, "square".into()))
+    };
+    // A manifest on the result path, and one put straight into fleet.dead as if the collector
+    // had set it aside.
+    forged_then_replayed(
+        &vhost,
+        roles::CONSUMER,
+        vec![
+            to(topology::RESULTS_EXCHANGE, "", manifest("forged-batch-1")),
+            to(
+                topology::DEAD_EXCHANGE,
+                topology::RESULTS_QUEUE,
+                manifest("forged-batch-2"),
+            ),
+        ],
+    )
+    .await;
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    for batch in ["forged-batch-1", "forged-batch-2"] {
+        assert!(
+            client.batch(batch).await.expect("answers").is_none(),
+            "{batch} counted"
+        );
+    }
     collector.stop().await.expect("collector drains cleanly");
 }

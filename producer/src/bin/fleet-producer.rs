@@ -135,8 +135,15 @@ async fn run_dlq(settings: Settings, command: Dlq) -> anyhow::Result<()> {
             }
         }
         Dlq::Replay { id, .. } => {
-            let n = dlq::replay(&settings, &select(id)).await?;
-            println!("replayed {n}");
+            let done = dlq::replay(&settings, &select(id)).await?;
+            println!("replayed {}", done.replayed);
+            if done.kept > 0 {
+                eprintln!(
+                    "kept {} dead messages that are not tasks (only tasks are replayed; \
+                     `dlq purge` removes them)",
+                    done.kept
+                );
+            }
         }
         Dlq::Purge { id, .. } => {
             let n = dlq::purge(&settings, &select(id)).await?;

@@ -366,16 +366,16 @@ enum Flush {
     Broker(anyhow::Error),
 }
 
-/// Accepts a result only from `fleet.results` and a manifest only from `fleet.batches` (or from
-/// the default exchange, which only an admin may write), so a producer cannot forge results nor
-/// a consumer manifests.
+/// Accepts a result only from `fleet.results` and a manifest only from `fleet.batches`, so a
+/// producer cannot forge results nor a consumer manifests. Not the default exchange either: an
+/// admin tool that republishes what another role wrote (`dlq replay`) must never make it trusted.
 fn admit(exchange: &str, message: ResultMessage) -> Result<ResultMessage, String> {
     let (what, allowed) = match &message {
         ResultMessage::Result(_) => ("result", topology::RESULTS_EXCHANGE),
         ResultMessage::Results(_) => ("result group", topology::RESULTS_EXCHANGE),
         ResultMessage::Manifest(_) => ("batch manifest", topology::BATCHES_EXCHANGE),
     };
-    if exchange == allowed || exchange.is_empty() {
+    if exchange == allowed {
         Ok(message)
     } else {
         Err(format!(

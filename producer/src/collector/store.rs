@@ -133,7 +133,8 @@ impl Store {
                 tx.prepare_cached("SELECT total FROM batches WHERE batch = ?1")?;
             let mut manifest = tx.prepare_cached(
                 "INSERT INTO batches (batch, kind, total) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (batch) DO UPDATE SET kind = excluded.kind, total = excluded.total",
+                 ON CONFLICT (batch) DO UPDATE SET kind = excluded.kind, total = excluded.total
+                 WHERE batches.total IS NULL",
             )?;
             for message in messages {
                 let (results, manifest_of) = match message {
@@ -179,8 +180,16 @@ impl Store {
                     let known: Option<Option<u64>> = known_total
                         .query_row([batch], |row| row.get(0))
                         .optional()?;
-                    if known.flatten().is_none() {
-                        touched.entry(batch).or_default().manifest = true;
+                    // The first manifest of a batch wins, as the first result of a task does: a
+                    // later one (a producer's, about a batch it did not make) cannot change its
+                    // total nor reopen a complete batch.
+                    match known.flatten() {
+                        None => touched.entry(batch).or_default().manifest = true,
+                        Some(first) if first != *total => tracing::warn!(
+                            batch = %batch, first, later = total,
+                            "a second manifest with another total; the first stands"
+                        ),
+                        Some(_) => {}
                     }
                     manifest.execute(params![
                         batch,
@@ -351,6 +360,12 @@ mod tests {
         );
         assert_eq!(store.results("b1", 1, 10).expect("read").len(), 1);
         assert!(store.batch("nope").expect("read").is_none());
+        // A second manifest with another total changes nothing: the first stands.
+        let other = ResultMessage::Manifest(BatchManifest::new("b1".into(), 5, "other".into()));
+        let stored = store.store(&[other]).expect("store a second manifest");
+        assert!(stored.completed.is_empty());
+        let status = store.batch("b1").expect("read").expect("known");
+        assert_eq!((status.total, status.complete), (Some(2), true));
     }
 
     #[test]

@@ -86,6 +86,7 @@ struct App {
     user: Option<String>,
     metrics: Metrics,
     confirm_seconds: Histogram,
+    health: Arc<Health>,
 }
 
 /// `{kind}`.
@@ -205,6 +206,7 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         user: settings.broker_user(),
         metrics,
         confirm_seconds: common.confirm_seconds.clone(),
+        health: Arc::clone(&health),
     };
     // Readiness follows the broker even when no request comes: a pooled connection is checked
     // (and made again if it went) every two seconds.
@@ -328,7 +330,18 @@ impl App {
         let channel = publisher.channel().clone();
         let outcome = publish(publisher).await;
         let _ = channel.close(200, "done".into()).await;
+        // A refusal is this user's permissions, not a passing fault: not ready until a publish
+        // goes through again (permissions can change while it runs).
+        self.health
+            .refused(outcome.as_ref().is_err_and(PublishError::is_refused));
         outcome.map_err(|e| {
+            if e.is_refused() {
+                tracing::error!(error = %anyhow::Error::from(e), "the broker refused to publish the {what}: this user lacks the write permission");
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the broker refused to publish the {what}"),
+                );
+            }
             tracing::warn!(error = %anyhow::Error::from(e), "{what} not confirmed");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -88,6 +88,23 @@ pub fn is_refusal(error: &lapin::Error) -> bool {
     }
 }
 
+/// `error` as the process should see it: a [`PermissionError`] naming `operation` and `resource`
+/// when the broker refused access (exit 3, no retry), else the error with that context.
+pub fn refused_to(error: lapin::Error, operation: &str, resource: &str) -> anyhow::Error {
+    match error.kind() {
+        ErrorKind::ProtocolError(e)
+            if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)) =>
+        {
+            anyhow::Error::new(crate::error::PermissionError {
+                operation: operation.to_owned(),
+                resource: resource.to_owned(),
+                reason: e.get_message().as_str().to_owned(),
+            })
+        }
+        _ => anyhow::Error::new(error).context(format!("{operation} {resource}")),
+    }
+}
+
 /// A service's consuming side: its connection, the channel deliveries arrive on, a confirmed
 /// publisher on a second channel, and the delivery stream.
 pub struct Subscription {
@@ -218,11 +235,13 @@ pub fn backoff(settings: &Settings) -> ExponentialBuilder {
         .with_total_delay(Some(settings.reconnect_timeout()))
 }
 
-/// True for errors another attempt cannot fix: refused credentials and bad settings.
+/// True for errors another attempt cannot fix: refused credentials or permissions, bad settings.
 pub fn is_fatal(error: &anyhow::Error) -> bool {
-    error
-        .chain()
-        .any(|c| c.is::<AuthError>() || c.is::<crate::error::SettingsError>())
+    error.chain().any(|c| {
+        c.is::<AuthError>()
+            || c.is::<crate::error::PermissionError>()
+            || c.is::<crate::error::SettingsError>()
+    })
 }
 
 async fn subscribe_once(
@@ -272,7 +291,7 @@ async fn start_consuming(
             FieldTable::default(),
         )
         .await
-        .with_context(|| format!("consuming from {queue}"))?;
+        .map_err(|e| refused_to(e, "consume from", queue))?;
     Ok(Subscription {
         connection,
         channel,

@@ -34,6 +34,19 @@ pub struct AuthError {
     pub reason: String,
 }
 
+/// The broker refused an operation on a resource (ACCESS_REFUSED): this user's permissions do not
+/// cover what the service must do. Waiting does not help; the process exits 3.
+#[derive(Debug, thiserror::Error)]
+#[error("the broker refused to {operation} `{resource}`: {reason}")]
+pub struct PermissionError {
+    /// What was refused, e.g. `consume from`.
+    pub operation: String,
+    /// The queue or exchange.
+    pub resource: String,
+    /// What the broker said.
+    pub reason: String,
+}
+
 /// Bad command-line usage (a missing file, a malformed argument); the process exits 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -66,7 +79,7 @@ pub fn exit_code(error: &anyhow::Error) -> ExitCode {
         if cause.is::<SettingsError>() || cause.is::<UsageError>() {
             return ExitCode::from(EXIT_USAGE);
         }
-        if cause.is::<AuthError>() {
+        if cause.is::<AuthError>() || cause.is::<PermissionError>() {
             return ExitCode::from(EXIT_AUTH);
         }
         if cause.is::<TasksFailed>() {

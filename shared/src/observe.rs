@@ -50,6 +50,8 @@ pub struct Health {
     consuming: AtomicBool,
     /// Set when deliveries in hand stop settling (the consumer's watchdog).
     stalled: AtomicBool,
+    /// Set when the broker refused this user a publish (the producer API).
+    refused: AtomicBool,
     publishes_only: bool,
 }
 
@@ -85,6 +87,12 @@ impl Health {
         self.stalled.store(!progressing, Ordering::Relaxed);
     }
 
+    /// Whether the broker refused this user its last publish (ACCESS_REFUSED); a later
+    /// confirmed one clears it.
+    pub fn refused(&self, refused: bool) {
+        self.refused.store(refused, Ordering::Relaxed);
+    }
+
     /// A subscription is up: connected, topology in place, consuming.
     pub fn subscribed(&self) {
         self.connected(true);
@@ -104,7 +112,8 @@ impl Health {
         let topology = self.topology.load(Ordering::Relaxed);
         let consuming = self.publishes_only || self.consuming.load(Ordering::Relaxed);
         let stalled = self.stalled.load(Ordering::Relaxed);
-        connected && topology && consuming && !stalled
+        let refused = self.refused.load(Ordering::Relaxed);
+        connected && topology && consuming && !stalled && !refused
     }
 
     fn report(&self) -> serde_json::Value {
@@ -113,7 +122,9 @@ impl Health {
             "connected": self.connected.load(Ordering::Relaxed),
             "topology": self.topology.load(Ordering::Relaxed),
         });
-        if !self.publishes_only {
+        if self.publishes_only {
+            report["permitted"] = (!self.refused.load(Ordering::Relaxed)).into();
+        } else {
             report["consuming"] = self.consuming.load(Ordering::Relaxed).into();
             report["progressing"] = (!self.stalled.load(Ordering::Relaxed)).into();
         }

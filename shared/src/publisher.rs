@@ -58,6 +58,19 @@ pub enum PublishError {
     },
 }
 
+impl PublishError {
+    /// True when the broker refused this user the publish (ACCESS_REFUSED on its channel).
+    pub fn is_refused(&self) -> bool {
+        matches!(self, Self::Broker { source, .. } if matches!(
+            source.kind(),
+            lapin::ErrorKind::ProtocolError(e) if matches!(
+                e.kind(),
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::ACCESSREFUSED)
+            )
+        ))
+    }
+}
+
 /// A message ready to publish.
 #[derive(Debug, Clone)]
 pub struct Outgoing {

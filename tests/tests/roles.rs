@@ -425,3 +425,78 @@ async fn generated_definitions_load_into_a_broker_and_their_passwords_work() {
         .expect_err("the wrong password");
     assert!(error.is::<fleet_shared::error::AuthError>(), "{error:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_login_without_permissions_exits_3_naming_what_was_refused() {
+    let vhost = Vhost::new();
+    fleet_producer::setup::run(vhost.settings(&[]))
+        .await
+        .expect("the topology, declared as an admin");
+    let nobody = Role {
+        name: "nobody",
+        configure: roles::NOTHING,
+        write: roles::NOTHING,
+        read: roles::NOTHING,
+    };
+    let user = User::new();
+    user.permit(&vhost.name, nobody.configure, nobody.write, nobody.read);
+    let api_listen = fleet_tests::free_address();
+    let env = vhost.env_as(
+        &user,
+        &[
+            ("FLEET_CONSUMER__LISTEN", "127.0.0.1:0"),
+            ("FLEET_PRODUCER__LISTEN", &api_listen),
+            ("FLEET_COLLECTOR__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    for (binary, queue) in [
+        ("fleet-consumer", topology::WORK_QUEUE),
+        ("fleet-collector", topology::RESULTS_QUEUE),
+    ] {
+        let log = vhost.dir.join(format!("{binary}.log"));
+        let started = std::time::Instant::now();
+        let status = fleet_tests::process::Process::spawn_logged(binary, &[], &env, &log)
+            .wait(Duration::from_secs(30));
+        let output = std::fs::read_to_string(&log).expect("its log");
+        assert_eq!(status.code(), Some(3), "{binary}: {output}");
+        assert!(
+            output.contains(&format!("the broker refused to consume from `{queue}`")),
+            "{binary}: {output}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no retrying for minutes"
+        );
+    }
+
+    // The API: a refused publish is a 503 and the API is not ready until one goes through.
+    let log = vhost.dir.join("serve.log");
+    let api = fleet_tests::process::Process::spawn_logged("fleet-producer", &["serve"], &env, &log);
+    let http = reqwest::Client::new();
+    let base = format!("http://{api_listen}");
+    fleet_tests::eventually("the API to answer", Duration::from_secs(30), || async {
+        http.get(format!("{base}/healthz")).send().await.ok()
+    })
+    .await;
+    let refused = http
+        .post(format!("{base}/v1/tasks"))
+        .json(&json!({ "kind": "square", "payload": { "n": 2 } }))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(refused.status(), 503);
+    let ready = http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(ready.status(), 503);
+    let report: serde_json::Value = ready.json().await.expect("JSON");
+    assert_eq!(report["permitted"], false, "{report}");
+    assert!(api.terminate(Duration::from_secs(30)).success());
+    let output = std::fs::read_to_string(&log).expect("its log");
+    assert!(
+        output.contains("the broker refused to publish the task"),
+        "{output}"
+    );
+}

@@ -330,6 +330,16 @@ grace_period_secs = 10
 format = "pretty"
 "#;
 
+/// Programs that run another program named in their arguments (or a script): on `exec`'s
+/// allow-list they would let any payload run anything, so settings refuse them.
+pub const LAUNCHERS: &[&str] = &[
+    "env", "sh", "bash", "dash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish", "busybox", "xargs",
+    "find", "nohup", "nice", "ionice", "timeout", "setsid", "stdbuf", "chroot", "taskset", "sudo",
+    "su", "doas", "runuser", "setpriv", "unshare", "nsenter", "strace", "ltrace", "gdb", "script",
+    "watch", "flock", "parallel", "python", "python3", "perl", "ruby", "node", "php", "lua", "awk",
+    "gawk", "mawk", "sed", "vim", "vi", "ssh",
+];
+
 impl Settings {
     /// Loads defaults, then `file` (or `$FLEET_CONFIG`), then the process environment.
     ///
@@ -456,6 +466,17 @@ impl Settings {
                 check_delays(&format!("consumer.kinds.{kind}.retry_delays_ms"), delays)?;
             }
         }
+        // The URI parser takes `amqp:/host` (one slash) for a URL with no host, and would log
+        // in as guest@localhost; the URL is not echoed back, as it may hold a password.
+        if !["amqp://", "amqps://"]
+            .iter()
+            .any(|scheme| self.amqp.url.starts_with(scheme))
+        {
+            return Err(SettingsError::new(
+                "amqp.url",
+                "must start with amqp:// or amqps:// (the value is not shown: it may hold a password)",
+            ));
+        }
         self.amqp_uri()?;
         match (&self.amqp.tls_cert_file, &self.amqp.tls_key_file) {
             (Some(_), None) => {
@@ -487,10 +508,26 @@ impl Settings {
             }
         }
         for (name, path) in &self.consumer.exec.programs {
+            let key = || format!("consumer.exec.programs.{name}");
             if !path.is_absolute() {
                 return Err(SettingsError::new(
-                    format!("consumer.exec.programs.{name}"),
+                    key(),
                     format!("{} is not an absolute path", path.display()),
+                ));
+            }
+            let program = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if LAUNCHERS.contains(&program) {
+                return Err(SettingsError::new(
+                    key(),
+                    format!(
+                        "{} runs other programs from its arguments; the allow-list is for \
+                         programs that take untrusted argv, and a launcher would let a payload \
+                         run anything",
+                        path.display()
+                    ),
                 ));
             }
         }
@@ -756,6 +793,22 @@ mod tests {
         let err = Settings::load_from(None, env(&[("FLEET_CONSUMER__EXEC__PROGRAMS__LS", "ls")]))
             .expect_err("relative path");
         assert_eq!(err.key, "consumer.exec.programs.ls");
+        for launcher in ["/usr/bin/env", "/bin/sh", "/usr/bin/xargs", "/usr/bin/find"] {
+            let err = Settings::load_from(
+                None,
+                env(&[("FLEET_CONSUMER__EXEC__PROGRAMS__RUN", launcher)]),
+            )
+            .expect_err("a launcher");
+            assert_eq!(err.key, "consumer.exec.programs.run");
+            assert!(err.message.contains("runs other programs"), "{err}");
+        }
+        let err = Settings::load_from(
+            None,
+            env(&[("FLEET_AMQP__URL", "amqp:/fleet:s3cret@broker/fleet")]),
+        )
+        .expect_err("one slash");
+        assert_eq!(err.key, "amqp.url");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 
     #[test]

@@ -101,6 +101,24 @@ impl Layout {
     }
 }
 
+/// A new file at `path` with `mode`. Whatever was there goes first (a file left by an interrupted
+/// run, or a symlink): opening it would keep its mode, or follow the link.
+fn fresh_file(path: &Path, mode: u32) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", path.display()));
+        }
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Writes the definitions and one password file per role (mode 0600) under `dir` as `layout`
 /// says, creating the folders that are missing. The definitions are written last, so they exist
 /// only once every password does. An existing definitions file is never overwritten: with
@@ -109,7 +127,7 @@ impl Layout {
 /// Fails when a file cannot be written.
 pub fn write(dir: &Path, layout: Layout, if_missing: bool) -> anyhow::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    use std::os::unix::fs::DirBuilderExt as _;
     let target = layout.definitions(dir);
     if if_missing && target.exists() {
         println!("{} exists; kept", target.display());
@@ -143,19 +161,14 @@ pub fn write(dir: &Path, layout: Layout, if_missing: bool) -> anyhow::Result<()>
     for (role, password) in &passwords {
         let path = layout.password(dir, role);
         create_parent(&path, 0o700)?;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let mut file = fresh_file(&path, 0o600)?;
         writeln!(file, "{password}").with_context(|| format!("writing {}", path.display()))?;
     }
     let text = serde_json::to_string_pretty(&definitions(&passwords))?;
     // The definitions hold only salted hashes; the broker reads them as a user of its own.
     create_parent(&target, 0o755)?;
-    std::fs::write(&target, text + "\n")
+    fresh_file(&target, 0o644)?
+        .write_all((text + "\n").as_bytes())
         .with_context(|| format!("writing {}", target.display()))?;
     println!(
         "wrote {} and a password file per user ({}) under {}",
@@ -199,6 +212,21 @@ mod tests {
             ]
         );
         write(&dir, Layout::Split, true).expect("a second start keeps them");
+        // An interrupted run's leftovers: a readable password file and a symlink.
+        let flat = dir.join("flat");
+        std::fs::create_dir_all(&flat).expect("dir");
+        let elsewhere = dir.join("elsewhere");
+        std::fs::write(flat.join("fleet-admin.password"), "old\n").expect("old");
+        std::os::unix::fs::symlink(&elsewhere, flat.join("fleet-producer.password")).expect("link");
+        write(&flat, Layout::Flat, false).expect("write over leftovers");
+        use std::os::unix::fs::PermissionsExt as _;
+        for role in ["admin", "producer"] {
+            let path = flat.join(format!("fleet-{role}.password"));
+            let meta = std::fs::symlink_metadata(&path).expect("written");
+            assert!(meta.is_file(), "a file, not a link");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        }
+        assert!(!elsewhere.exists(), "the link was not followed");
         assert!(
             write(&dir, Layout::Split, false).is_err(),
             "never overwritten"

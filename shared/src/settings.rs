@@ -709,8 +709,19 @@ fn password_source(
 /// The first line of the secret file at `path`; an unreadable or empty file is an error naming
 /// `key`.
 fn first_line(key: &str, path: &Path) -> Result<Secret, SettingsError> {
+    use std::os::unix::fs::PermissionsExt as _;
     let text = std::fs::read_to_string(path)
         .map_err(|e| SettingsError::new(key, format!("cannot read {}: {e}", path.display())))?;
+    // Before logging is set up, so on stderr.
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        eprintln!(
+            "warning: {key} {} can be read by other users (mode {:o}); `chmod 600` it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
     let secret = text.lines().next().unwrap_or_default().to_owned();
     if secret.is_empty() {
         return Err(SettingsError::new(

@@ -157,3 +157,70 @@ async fn the_api_refuses_names_past_their_bounds_with_a_400_naming_the_field() {
     assert_eq!(status, 202, "255 bytes is within the bound");
     api.stop().await.expect("API stops cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn careless_files_and_pages_get_a_clear_answer() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let collector = Service::collector(&settings);
+    let base = settings.producer.collector_url.clone();
+    let http = reqwest::Client::new();
+    eventually(
+        "the collector to be ready",
+        Duration::from_secs(30),
+        || async {
+            let ready = http.get(format!("{base}/readyz")).send().await.ok()?;
+            ready.status().is_success().then_some(())
+        },
+    )
+    .await;
+
+    // An offset past SQLite's integers is the caller's mistake, not the collector's.
+    let answer = http
+        .get(format!(
+            "{base}/v1/batches/b/results?offset=9223372036854775808"
+        ))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(answer.status(), 400);
+    let body: Value = answer.json().await.expect("a JSON error");
+    assert_eq!(
+        body["error"],
+        "`offset` must be at most 9223372036854775807"
+    );
+
+    // The result store is the collector's alone.
+    let mode = std::fs::metadata(&settings.collector.db)
+        .expect("the store")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "results.db mode {mode:o}");
+
+    // A password file others can read still works, with a warning naming it.
+    let password = vhost.dir.join("guest.password");
+    std::fs::write(&password, "guest\n").expect("password file");
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut env = vhost.env(&[]);
+    env.push((
+        "FLEET_AMQP__PASSWORD_FILE".into(),
+        password.display().to_string(),
+    ));
+    let listed = std::process::Command::new(fleet_tests::process::binary("fleet-producer"))
+        .args(["dlq", "list"])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("dlq list");
+    assert!(listed.status.success());
+    let stderr = String::from_utf8_lossy(&listed.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "warning: amqp.password_file {} can be read by other users (mode 644)",
+            password.display()
+        )),
+        "{stderr}"
+    );
+    collector.stop().await.expect("collector drains cleanly");
+}

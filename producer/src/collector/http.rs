@@ -81,6 +81,14 @@ async fn results(
     Query(page): Query<Page>,
 ) -> Response {
     let offset = page.offset.unwrap_or(0);
+    // SQLite's integers are i64.
+    if i64::try_from(offset).is_err() {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("`offset` must be at most {}", i64::MAX),
+        )
+        .into_response();
+    }
     let limit = page.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     match read(store, move |s| s.results(&id, offset, limit)).await {
         Ok(rows) => {

@@ -96,6 +96,21 @@ impl Store {
     ///
     /// Fails when the file cannot be opened or created, or the schema cannot be applied.
     pub fn open(path: &Path) -> rusqlite::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // Results are nobody else's: a new store is made 0600 (SQLite gives its -wal and -shm
+        // files the database's mode).
+        if let Err(e) = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            && e.kind() != std::io::ErrorKind::AlreadyExists
+        {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("creating {}: {e}", path.display())),
+            ));
+        }
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;

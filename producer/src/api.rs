@@ -217,13 +217,17 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     });
-    let served = axum::serve(
-        listener,
-        router(app, settings.producer.max_body_bytes).merge(observer.router()),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
-    .context("serving HTTP");
+    let hosts = crate::hosts::HostCheck::for_listener(listener.local_addr()?);
+    let routes = router(app, settings.producer.max_body_bytes)
+        .merge(observer.router())
+        .layer(axum::middleware::from_fn_with_state(
+            hosts,
+            crate::hosts::check_host,
+        ));
+    let served = axum::serve(listener, routes)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving HTTP");
     watch.abort();
     served
 }

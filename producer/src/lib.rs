@@ -10,6 +10,7 @@
 //! - [`setup`]: the admin step that declares the topology (`setup`).
 //! - [`status`]: every queue's ready, unacked and consumer counts over AMQP (`status`).
 //! - [`problem`]: the JSON error answer of both HTTP APIs.
+//! - [`hosts`]: the `Host` check of both HTTP APIs (against DNS rebinding).
 //! - [`collector`]: the `fleet-collector` service: results into SQLite, and its read API.
 
 pub mod api;
@@ -18,6 +19,7 @@ pub mod collector;
 pub mod definitions;
 pub mod demo;
 pub mod dlq;
+pub mod hosts;
 pub mod problem;
 pub mod progress;
 pub mod setup;

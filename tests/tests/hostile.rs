@@ -191,6 +191,17 @@ async fn careless_files_and_pages_get_a_clear_answer() {
         "`offset` must be at most 9223372036854775807"
     );
 
+    // A page that rebound its own name to 127.0.0.1 still sends that name.
+    let rebound = http
+        .get(format!("{base}/v1/batches/b"))
+        .header("host", "evil.example:8081")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(rebound.status(), 403);
+    let body: Value = rebound.json().await.expect("a JSON error");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("loopback")), "{body}");
+
     // The result store is the collector's alone.
     let mode = std::fs::metadata(&settings.collector.db)
         .expect("the store")

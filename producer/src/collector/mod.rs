@@ -52,8 +52,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let metrics = Metrics::register(observer.registry());
     let (common, health) = (observer.common.clone(), Arc::clone(&observer.health));
     let http_shutdown = CancellationToken::new();
+    let hosts = crate::hosts::HostCheck::for_listener(listener.local_addr()?);
+    let routes =
+        http::router(reader)
+            .merge(observer.router())
+            .layer(axum::middleware::from_fn_with_state(
+                hosts,
+                crate::hosts::check_host,
+            ));
     let server = tokio::spawn(
-        axum::serve(listener, http::router(reader).merge(observer.router()))
+        axum::serve(listener, routes)
             .with_graceful_shutdown(http_shutdown.clone().cancelled_owned())
             .into_future(),
     );

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use fleet_shared::envelope::{self, HEADER_ATTEMPT, HEADER_DEAD_AT, HEADER_ERROR};
 use fleet_shared::publisher::{Outgoing, Publisher, task_headers, without_user_id};
 use fleet_shared::settings::Settings;
+use fleet_shared::telemetry::printable;
 use fleet_shared::topology;
 use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
@@ -315,16 +316,17 @@ pub fn table(letters: &[DeadLetter]) -> String {
         "ID", "KIND", "ATTEMPTS", "WHEN", "REASON"
     );
     for l in letters {
+        // Everything here came from whoever published the dead message.
         out.push_str(&format!(
             "{:<36}  {:<12}  {:>8}  {:<20}  {}\n",
-            l.id.as_deref().unwrap_or("-"),
-            l.kind,
+            printable(l.id.as_deref().unwrap_or("-")),
+            printable(&l.kind),
             l.attempts,
             l.when.map_or_else(
                 || "-".to_owned(),
                 |w| w.format("%Y-%m-%d %H:%M:%S").to_string()
             ),
-            l.reason
+            printable(&l.reason)
         ));
     }
     out

@@ -271,7 +271,12 @@ impl std::fmt::Display for Status {
             writeln!(
                 f,
                 "{} {} on {}: {} unacked, prefetch {}",
-                beat.service, beat.process, beat.queue, beat.unacked, beat.prefetch
+                // A beat comes from any role that may write fleet.status.
+                crate::telemetry::printable(&beat.service),
+                crate::telemetry::printable(&beat.process),
+                crate::telemetry::printable(&beat.queue),
+                beat.unacked,
+                beat.prefetch
             )?;
         }
         Ok(())

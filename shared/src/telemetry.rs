@@ -92,6 +92,24 @@ pub fn init_with(log: &LogSettings, default: &str, service: &str) -> Guard {
     Guard(provider)
 }
 
+/// `text` from outside (an id, a kind, a reason, a status beat) with its control characters
+/// escaped (`\u{1b}`, `\n`), so that it prints as one line with no terminal escape in it.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// `url` with any password replaced by `***`, for logs and error messages.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -116,7 +134,13 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{printable, redact};
+
+    #[test]
+    fn printable_escapes_control_characters_only() {
+        assert_eq!(printable("plain é ✓"), "plain é ✓");
+        assert_eq!(printable("a\u{1b}[2Jb\nc\u{85}"), "a\\u{1b}[2Jb\\nc\\u{85}");
+    }
 
     #[test]
     fn redact_hides_the_password_and_keeps_the_rest() {

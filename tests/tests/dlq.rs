@@ -352,3 +352,39 @@ async fn a_consumer_cannot_get_a_forged_manifest_counted_not_even_through_replay
     }
     collector.stop().await.expect("collector drains cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dlq_list_escapes_what_a_publisher_put_in_a_dead_letter() {
+    let vhost = Vhost::new();
+    let env = vhost.env(&[]);
+    let settings = settings_of(&env);
+    fleet_producer::setup::run(settings.clone())
+        .await
+        .expect("topology");
+    let (_user, connection, publisher) = as_role(&vhost, roles::CONSUMER).await;
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        fleet_shared::envelope::HEADER_ERROR.into(),
+        lapin::types::AMQPValue::LongString("bad\nfake-id  square  0  -  fake row".into()),
+    );
+    let mut dead = to(topology::DEAD_EXCHANGE, "square", b"{}".to_vec());
+    dead.properties = lapin::BasicProperties::default()
+        .with_message_id("x\u{1b}[2Jy".into())
+        .with_headers(headers);
+    publisher
+        .publish(dead)
+        .await
+        .expect("the consumer role may dead-letter");
+    let _ = connection.close(200, "done".into()).await;
+    eventually("the dead letter", Duration::from_secs(30), || async {
+        (ready(&settings, topology::DEAD_QUEUE).await == 1).then_some(())
+    })
+    .await;
+    let table = dlq(&env, &["list"]);
+    assert!(!table.contains('\u{1b}'), "{table:?}");
+    assert_eq!(table.lines().count(), 2, "a header and one row: {table:?}");
+    assert!(
+        table.contains("x\\u{1b}[2Jy") && table.contains("bad\\nfake-id"),
+        "{table}"
+    );
+}

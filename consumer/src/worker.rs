@@ -11,6 +11,7 @@ use chrono::Utc;
 use fleet_shared::envelope::{self, ErrorInfo, Status, TaskResult};
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher, header_str};
 use fleet_shared::settings::Settings;
+use fleet_shared::telemetry::printable;
 use fleet_shared::topology;
 use fleet_shared::trace::TraceParent;
 use futures_util::FutureExt as _;
@@ -140,7 +141,7 @@ impl Worker {
             Ok(processed) => processed,
             Err(panic) => {
                 let reason = format!("panicked while handling: {}", panic_message(panic.as_ref()));
-                tracing::error!(%reason, "dead-lettering the delivery");
+                tracing::error!(reason = %printable(&reason), "dead-lettering the delivery");
                 let who = published_by(&delivery, self.own_user.as_deref());
                 self.metrics.ended(UNKNOWN_KIND, TaskOutcome::Rejected);
                 self.metrics.dead_lettered(UNKNOWN_KIND);
@@ -356,7 +357,7 @@ impl Worker {
                 let reason = error
                     .as_ref()
                     .map_or_else(String::new, |e| format!("{}: {}", e.kind, e.message));
-                tracing::warn!(task_id = %task.id, kind = %task.kind, attempts = attempt.saturating_add(1), %reason, "task failed");
+                tracing::warn!(task_id = %task.id, kind = %task.kind, attempts = attempt.saturating_add(1), reason = %printable(&reason), "task failed");
                 channel
                     .results
                     .publish(result(Status::Failed, None, error))
@@ -426,7 +427,7 @@ async fn dead_letter(
     attempts: u32,
     who: Option<&str>,
 ) -> Result<(), SettleError> {
-    tracing::warn!(message_id = ?delivery.properties.message_id(), %reason, "dead-lettering");
+    tracing::warn!(message_id = ?delivery.properties.message_id(), reason = %printable(reason), "dead-lettering");
     let mut headers = vec![
         (envelope::HEADER_ERROR, header_str(reason)),
         (

@@ -230,7 +230,7 @@ pub async fn replay(settings: &Settings, select: &Select) -> anyhow::Result<Repl
         let task = chosen && {
             let replayable = replayable(&message.delivery);
             if let Err(why) = &replayable {
-                tracing::warn!(id = ?message.delivery.properties.message_id(), %why, "kept in fleet.dead");
+                tracing::warn!(id = ?message.delivery.properties.message_id(), why = %printable(why), "kept in fleet.dead");
             }
             replayable.is_ok()
         };

@@ -200,7 +200,12 @@ async fn careless_files_and_pages_get_a_clear_answer() {
         .expect("answered");
     assert_eq!(rebound.status(), 403);
     let body: Value = rebound.json().await.expect("a JSON error");
-    assert!(body["error"].as_str().is_some_and(|e| e.contains("loopback")), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("loopback")),
+        "{body}"
+    );
 
     // The result store is the collector's alone.
     let mode = std::fs::metadata(&settings.collector.db)

@@ -493,7 +493,10 @@ async fn exec_runs_allow_listed_programs_with_argv_and_stdin_and_nothing_else() 
     let settings = vhost.settings(&[
         ("FLEET_CONSUMER__EXEC__PROGRAMS__ECHO", "/bin/echo"),
         ("FLEET_CONSUMER__EXEC__PROGRAMS__CAT", "/bin/cat"),
-        ("FLEET_CONSUMER__EXEC__PROGRAMS__PRINTENV", "/usr/bin/printenv"),
+        (
+            "FLEET_CONSUMER__EXEC__PROGRAMS__PRINTENV",
+            "/usr/bin/printenv",
+        ),
         ("FLEET_CONSUMER__EXEC__PROGRAMS__SLEEP", "/bin/sleep"),
         ("FLEET_CONSUMER__EXEC__TIMEOUT_MS", "300"),
         ("FLEET_CONSUMER__EXEC__MAX_OUTPUT_BYTES", "1000"),

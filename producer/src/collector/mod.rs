@@ -434,7 +434,7 @@ async fn flush(
                 tracing::warn!(
                     task_id = delivery.properties.message_id().as_ref().map_or("-", |id| id.as_str()),
                     trace_id = TraceParent::of(&delivery.properties).map_or_else(String::new, |t| t.trace_id()),
-                    %reason,
+                    reason = %fleet_shared::telemetry::printable(&reason),
                     "dead-lettering a message on the result path"
                 );
                 metrics.dead_lettered.inc();

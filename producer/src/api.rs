@@ -103,11 +103,17 @@ struct RequestLabels {
     status: u16,
 }
 
+/// The most kinds `fleet_tasks_published_total` gives a series of their own; tasks of any kind
+/// after those count as kind `other`, so callers cannot grow `/metrics` without end.
+pub const MAX_KIND_SERIES: usize = 100;
+
 /// The API's metrics, beside [`fleet_shared::observe::Common`].
 #[derive(Clone)]
 struct Metrics {
     /// `fleet_tasks_published_total{kind}`: tasks the broker confirmed.
     published: Family<KindLabel, Counter>,
+    /// The kinds with a series of their own (at most [`MAX_KIND_SERIES`]).
+    kinds: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// `fleet_http_requests_total{method,route,status}`: API requests answered.
     requests: Family<RequestLabels, Counter>,
 }
@@ -121,6 +127,7 @@ impl Metrics {
                 "Tasks published and confirmed by the broker",
                 Family::default(),
             ),
+            kinds: Arc::default(),
             requests: register(
                 registry,
                 "fleet_http_requests",
@@ -131,6 +138,14 @@ impl Metrics {
     }
 
     fn published(&self, kind: &str, n: u64) {
+        let own_series = {
+            let mut kinds = self
+                .kinds
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            kinds.contains(kind) || (kinds.len() < MAX_KIND_SERIES && kinds.insert(kind.to_owned()))
+        };
+        let kind = if own_series { kind } else { "other" };
         self.published
             .get_or_create(&KindLabel {
                 kind: kind.to_owned(),

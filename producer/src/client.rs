@@ -63,29 +63,33 @@ impl CollectorClient {
         ))
     }
 
-    /// One page of the batch's results in storage order, starting at `offset`.
+    /// One page of the batch's results in storage order, starting at `offset`, and whether the
+    /// collector's byte bound cut it short (more may follow even though it holds fewer than a
+    /// page's count).
     ///
     /// Fails when the collector cannot be reached, answers with an error, or sends a bad line.
     pub async fn results_page(
         &self,
         batch: &str,
         offset: usize,
-    ) -> anyhow::Result<Vec<TaskResult>> {
+    ) -> anyhow::Result<(Vec<TaskResult>, bool)> {
         let url = format!(
             "{}/v1/batches/{batch}/results?offset={offset}&limit={PAGE}",
             self.base
         );
-        let body = self
+        let response = self
             .http
             .get(&url)
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .with_context(|| format!("asking the collector at {url}"))?
-            .bytes()
-            .await
-            .context("reading results")?;
-        body.split(|b| *b == b'\n')
+            .with_context(|| format!("asking the collector at {url}"))?;
+        let truncated = response
+            .headers()
+            .contains_key(crate::collector::http::TRUNCATED);
+        let body = response.bytes().await.context("reading results")?;
+        let results = body
+            .split(|b| *b == b'\n')
             .filter(|line| !line.is_empty())
             .map(|line| match envelope::decode_result(line) {
                 Ok(ResultMessage::Result(result)) => Ok(result),
@@ -94,7 +98,8 @@ impl CollectorClient {
                 }
                 Err(e) => Err(anyhow::Error::new(e).context("a result line from the collector")),
             })
-            .collect()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((results, truncated))
     }
 
     /// All of the batch's results.
@@ -103,8 +108,8 @@ impl CollectorClient {
     pub async fn results(&self, batch: &str) -> anyhow::Result<Vec<TaskResult>> {
         let mut all = Vec::new();
         loop {
-            let page = self.results_page(batch, all.len()).await?;
-            let done = page.len() < PAGE;
+            let (page, truncated) = self.results_page(batch, all.len()).await?;
+            let done = page.len() < PAGE && !truncated;
             all.extend(page);
             if done {
                 return Ok(all);

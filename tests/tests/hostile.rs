@@ -240,3 +240,102 @@ async fn careless_files_and_pages_get_a_clear_answer() {
     );
     collector.stop().await.expect("collector drains cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_results_come_in_pages_bounded_by_bytes_and_all_arrive() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let collector = Service::collector(&settings);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    let now = chrono::Utc::now();
+    let big = |i: usize| fleet_shared::envelope::TaskResult {
+        v: 1,
+        task_id: format!("big-{i}"),
+        batch: Some("big".into()),
+        kind: "square".into(),
+        status: fleet_shared::envelope::Status::Ok,
+        output: Some(json!({ "pad": "x".repeat(1 << 20) })),
+        error: None,
+        attempts: 1,
+        worker: "h/1/0".into(),
+        started_at: now,
+        finished_at: now,
+        published_by: None,
+        traceparent: None,
+    };
+    let messages: Vec<Outgoing> = (0..10).map(|i| Outgoing::result(&big(i))).collect();
+    publisher.publish_all(messages).await.expect("published");
+    let _ = connection.close(200, "done".into()).await;
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    eventually("ten results stored", Duration::from_secs(60), || async {
+        let status = client.batch("big").await.ok().flatten()?;
+        (status.done == 10).then_some(())
+    })
+    .await;
+
+    let page = reqwest::get(format!(
+        "{}/v1/batches/big/results?limit=10",
+        settings.producer.collector_url
+    ))
+    .await
+    .expect("answered");
+    assert_eq!(page.headers()["x-fleet-truncated"], "true");
+    let body = page.bytes().await.expect("body");
+    let lines = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count();
+    assert!(
+        body.len() <= 4 << 20 && (1..10).contains(&lines),
+        "{} bytes, {lines} results",
+        body.len()
+    );
+    let all = client.results("big").await.expect("every page");
+    assert_eq!(all.len(), 10, "the client follows cut pages to the end");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn arbitrary_kinds_over_http_do_not_grow_the_metrics_without_end() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let api = Service::producer_api(&settings);
+    let base = format!("http://{}", settings.producer.listen);
+    let http = reqwest::Client::new();
+    eventually("the API to be ready", Duration::from_secs(30), || async {
+        let ready = http.get(format!("{base}/readyz")).send().await.ok()?;
+        ready.status().is_success().then_some(())
+    })
+    .await;
+    for i in 0..150 {
+        let accepted = http
+            .post(format!("{base}/v1/tasks"))
+            .json(&json!({ "kind": format!("kind-{i}"), "payload": {} }))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(accepted.status(), 202);
+    }
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("answered")
+        .text()
+        .await
+        .expect("text");
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("fleet_tasks_published_total{"))
+        .collect();
+    assert_eq!(series.len(), 101, "100 kinds and `other`");
+    assert!(
+        series
+            .iter()
+            .any(|l| l.starts_with("fleet_tasks_published_total{kind=\"other\"} 50")),
+        "{series:?}"
+    );
+    api.stop().await.expect("API stops cleanly");
+}

@@ -14,6 +14,11 @@ use std::sync::{Arc, Mutex};
 /// Results per page unless `limit` says otherwise, and the most one page holds.
 const DEFAULT_LIMIT: u64 = 1000;
 const MAX_LIMIT: u64 = 10_000;
+/// The most bytes of results one page holds (at least one result, whatever its size). A page the
+/// bound cut is answered with [`TRUNCATED`]; the next page starts after the results received.
+pub const MAX_PAGE_BYTES: usize = 4 << 20;
+/// Header on a page of results that [`MAX_PAGE_BYTES`] cut short of `limit`.
+pub const TRUNCATED: &str = "x-fleet-truncated";
 
 type Shared = Arc<Mutex<Store>>;
 
@@ -90,13 +95,24 @@ async fn results(
         .into_response();
     }
     let limit = page.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-    match read(store, move |s| s.results(&id, offset, limit)).await {
-        Ok(rows) => {
+    match read(store, move |s| {
+        s.results_within(&id, offset, limit, MAX_PAGE_BYTES)
+    })
+    .await
+    {
+        Ok((rows, truncated)) => {
             let mut body = rows.join("\n");
             if !body.is_empty() {
                 body.push('\n');
             }
-            ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+            let mut response =
+                ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response();
+            if truncated {
+                response
+                    .headers_mut()
+                    .insert(TRUNCATED, header::HeaderValue::from_static("true"));
+            }
+            response
         }
         Err(error) => error.into_response(),
     }

@@ -275,11 +275,35 @@ impl Store {
     ///
     /// Fails when the database cannot be read.
     pub fn results(&self, batch: &str, offset: u64, limit: u64) -> rusqlite::Result<Vec<String>> {
+        Ok(self.results_within(batch, offset, limit, usize::MAX)?.0)
+    }
+
+    /// As [`Store::results`], and no more than `max_bytes` of them (always at least one): rows
+    /// are read one at a time, so a page never holds more than that in memory. True with the
+    /// rows when the byte bound, not `limit` or the end, cut the page.
+    ///
+    /// Fails when the database cannot be read.
+    pub fn results_within(
+        &self,
+        batch: &str,
+        offset: u64,
+        limit: u64,
+        max_bytes: usize,
+    ) -> rusqlite::Result<(Vec<String>, bool)> {
         let mut query = self.conn.prepare_cached(
             "SELECT body FROM results WHERE batch = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3",
         )?;
-        let rows = query.query_map(params![batch, limit, offset], |row| row.get(0))?;
-        rows.collect()
+        let mut rows = query.query(params![batch, limit, offset])?;
+        let (mut page, mut bytes) = (Vec::new(), 0usize);
+        while let Some(row) = rows.next()? {
+            let size = row.get_ref(0)?.as_bytes().map_or(0, <[u8]>::len);
+            if !page.is_empty() && bytes.saturating_add(size) > max_bytes {
+                return Ok((page, true));
+            }
+            bytes = bytes.saturating_add(size);
+            page.push(row.get(0)?);
+        }
+        Ok((page, false))
     }
 
     /// Submit-to-stored facts for benchmarks: (task id, stored_at in µs since the epoch).
@@ -457,6 +481,16 @@ mod tests {
                 }
             }
             assert_eq!(read, ids, "autoincrement: {autoincrement}");
+            // A byte bound cuts a page after the row that reaches it, and says so.
+            let one = store.results("b4", 0, 1).expect("read")[0].len();
+            let (page, cut) = store.results_within("b4", 0, 5, one * 2).expect("read");
+            assert_eq!((page.len(), cut), (2, true));
+            let (page, cut) = store.results_within("b4", 10, 5, 1).expect("read");
+            assert_eq!(
+                (page.len(), cut),
+                (2, false),
+                "at least one row; the end is no cut"
+            );
             let counted: Option<i64> = store
                 .conn
                 .query_row(

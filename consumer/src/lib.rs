@@ -32,7 +32,6 @@ use futures_util::StreamExt;
 use metrics::Metrics;
 use registry::Registry;
 use results::Results;
-use std::future::IntoFuture as _;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -68,11 +67,11 @@ pub async fn run(
         .with_context(|| format!("listening on {}", settings.consumer.listen))?;
     let listen = listener.local_addr()?;
     let http_shutdown = CancellationToken::new();
-    let server = tokio::spawn(
-        axum::serve(listener, observer.router())
-            .with_graceful_shutdown(http_shutdown.clone().cancelled_owned())
-            .into_future(),
-    );
+    let server = tokio::spawn(fleet_shared::http::serve(
+        listener,
+        observer.router(),
+        http_shutdown.clone().cancelled_owned(),
+    ));
     let worker = Arc::new(
         Worker::new(Arc::clone(&settings), registry, metrics, shutdown.clone())
             .context("starting the worker pool")?,

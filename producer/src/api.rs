@@ -239,12 +239,9 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             hosts,
             crate::hosts::check_host,
         ));
-    let served = axum::serve(listener, routes)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .context("serving HTTP");
+    fleet_shared::http::serve(listener, routes, shutdown.cancelled_owned()).await;
     watch.abort();
-    served
+    Ok(())
 }
 
 fn router(app: App, max_body: usize) -> Router {

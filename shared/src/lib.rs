@@ -13,11 +13,13 @@
 //! - [`status`]: status beats from the services, and `fleet-producer status` reading them.
 //! - [`trace`]: W3C `traceparent`, carried from the submit to the result.
 //! - [`observe`]: `/metrics`, `/healthz` and `/readyz`, the metrics every service has.
+//! - [`http`]: serving a router with timeouts for slow and idle clients.
 
 pub mod amqp;
 pub mod cli;
 pub mod envelope;
 pub mod error;
+pub mod http;
 pub mod observe;
 pub mod publisher;
 pub mod roles;

@@ -339,3 +339,45 @@ async fn arbitrary_kinds_over_http_do_not_grow_the_metrics_without_end() {
     );
     api.stop().await.expect("API stops cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_sent_and_idle_http_connections_are_closed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let collector = Service::collector(&settings);
+    let address = settings.collector.listen.clone();
+    eventually(
+        "the collector to listen",
+        Duration::from_secs(30),
+        || async { tokio::net::TcpStream::connect(&address).await.ok() },
+    )
+    .await;
+    // Closed means the read ends (EOF or reset) before the bound plus a margin.
+    let closed_within = |mut stream: tokio::net::TcpStream, limit: Duration| async move {
+        let mut rest = Vec::new();
+        tokio::time::timeout(limit, stream.read_to_end(&mut rest))
+            .await
+            .is_ok()
+    };
+    let limit = fleet_shared::http::HEADER_TIMEOUT + Duration::from_secs(5);
+    let mut half = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .expect("half a request head");
+    let mut idle = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("a whole request");
+    let mut answer = [0u8; 12];
+    idle.read_exact(&mut answer).await.expect("an answer");
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let (half, idle) = tokio::join!(closed_within(half, limit), closed_within(idle, limit));
+    assert!(half, "a half-sent request head is closed");
+    assert!(idle, "an idle keep-alive connection is closed");
+    collector.stop().await.expect("collector drains cleanly");
+}

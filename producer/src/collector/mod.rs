@@ -22,7 +22,6 @@ use lapin::options::BasicAckOptions;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::future::IntoFuture as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,11 +59,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 hosts,
                 crate::hosts::check_host,
             ));
-    let server = tokio::spawn(
-        axum::serve(listener, routes)
-            .with_graceful_shutdown(http_shutdown.clone().cancelled_owned())
-            .into_future(),
-    );
+    let server = tokio::spawn(fleet_shared::http::serve(
+        listener,
+        routes,
+        http_shutdown.clone().cancelled_owned(),
+    ));
 
     // The sessions run on a thread of their own, which writes the store too: a group goes from
     // lapin's I/O thread to this one and is committed and acked there, with no hop through the

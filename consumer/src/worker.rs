@@ -544,23 +544,7 @@ pub fn published_by(delivery: &Delivery, own_user: Option<&str>) -> Option<Strin
     }
 }
 
-/// The `x-fleet-attempt` header: attempts before this delivery (0 when absent or negative; a
-/// count past `u32::MAX` is `u32::MAX`, so a forged count never starts the attempts afresh).
+/// The delivery's `x-fleet-attempt` ([`envelope::attempt`]).
 pub fn attempt_of(delivery: &Delivery) -> u32 {
-    let value = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(envelope::HEADER_ATTEMPT).cloned());
-    let n: i64 = match value {
-        Some(AMQPValue::LongLongInt(n)) => n,
-        Some(AMQPValue::LongInt(n)) => n.into(),
-        Some(AMQPValue::ShortInt(n)) => n.into(),
-        Some(AMQPValue::ShortShortInt(n)) => n.into(),
-        Some(AMQPValue::LongUInt(n)) => n.into(),
-        Some(AMQPValue::ShortUInt(n)) => n.into(),
-        Some(AMQPValue::ShortShortUInt(n)) => n.into(),
-        _ => 0,
-    };
-    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+    envelope::attempt(delivery.properties.headers().as_ref())
 }

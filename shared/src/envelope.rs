@@ -69,6 +69,24 @@ fn check_batch(batch: Option<&str>) -> Result<(), FieldError> {
     batch.map_or(Ok(()), |b| check_name("batch", b))
 }
 
+/// The `x-fleet-attempt` header of `headers`: attempts before this delivery. Any integer type is
+/// read; absent, negative or of another type it is 0; past `u32::MAX` it is `u32::MAX`, so a
+/// forged count never starts the attempts afresh.
+pub fn attempt(headers: Option<&lapin::types::FieldTable>) -> u32 {
+    use lapin::types::AMQPValue;
+    let n: i64 = match headers.and_then(|h| h.inner().get(HEADER_ATTEMPT)) {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => (*n).into(),
+        Some(AMQPValue::ShortInt(n)) => (*n).into(),
+        Some(AMQPValue::ShortShortInt(n)) => (*n).into(),
+        Some(AMQPValue::LongUInt(n)) => (*n).into(),
+        Some(AMQPValue::ShortUInt(n)) => (*n).into(),
+        Some(AMQPValue::ShortShortUInt(n)) => (*n).into(),
+        _ => 0,
+    };
+    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+}
+
 /// A task as published to `fleet.tasks` with routing key = `kind`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {

@@ -10,7 +10,7 @@ use crate::error::SettingsError;
 use config::{Config, Environment, File};
 use lapin::uri::AMQPUri;
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -712,9 +712,14 @@ fn first_line(key: &str, path: &Path) -> Result<Secret, SettingsError> {
     use std::os::unix::fs::PermissionsExt as _;
     let text = std::fs::read_to_string(path)
         .map_err(|e| SettingsError::new(key, format!("cannot read {}: {e}", path.display())))?;
-    // Before logging is set up, so on stderr.
+    // Before logging is set up, so on stderr; once a file, though it is read at every connect.
+    static WARNED: std::sync::Mutex<BTreeSet<PathBuf>> = std::sync::Mutex::new(BTreeSet::new());
     if let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
+        && WARNED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(path.to_owned())
     {
         eprintln!(
             "warning: {key} {} can be read by other users (mode {:o}); `chmod 600` it",

@@ -188,8 +188,7 @@ impl Vhost {
     /// [`Vhost::env`] that logs in as `user` through that file, with `extra` on top.
     pub fn env_as(&self, user: &User, extra: &[(&str, &str)]) -> Vec<(String, String)> {
         let password_file = self.password_file(user);
-        std::fs::write(&password_file, format!("{}\n", user.password))
-            .expect("writing the password file");
+        write_secret(&password_file, &format!("{}\n", user.password));
         let url = format!("amqp://{}@{}/{}", user.name, broker_host(), self.name);
         let file = password_file.display().to_string();
         let mut vars = vec![
@@ -268,6 +267,17 @@ impl Drop for Vhost {
         let _ = rabbitmqctl(&["delete_vhost", &self.name]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Writes `text` to `path` readable by its owner alone, as a password file should be.
+///
+/// # Panics
+/// When the file cannot be written.
+pub fn write_secret(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text).expect("writing a secret file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .expect("making a secret file 0600");
 }
 
 /// A loopback address with a port that was free a moment ago.

@@ -78,7 +78,7 @@ fn submit_with_unreadable_input_exits_2() {
 /// exit 3 within 5 seconds, one line naming broker and user, and never the password.
 fn assert_refused(vhost: &Vhost, user: &str, password: &str, why: &str) {
     let password_file = vhost.dir.join(format!("password-{user}"));
-    std::fs::write(&password_file, format!("{password}\n")).expect("writing the password file");
+    fleet_tests::write_secret(&password_file, &format!("{password}\n"));
     let url = format!(
         "amqp://{user}@{}/{}",
         fleet_tests::broker_host(),

@@ -14,7 +14,7 @@ async fn the_password_is_in_no_output_and_no_command_line() {
     let user = User::new();
     user.permit(&vhost.name, ".*", ".*", ".*");
     let password_file = vhost.dir.join("amqp-password");
-    std::fs::write(&password_file, format!("{}\n", user.password)).expect("password file");
+    fleet_tests::write_secret(&password_file, &format!("{}\n", user.password));
     // The consumer reads it the systemd way, from $CREDENTIALS_DIRECTORY/amqp-password.
     let credentials = vhost.dir.join("credentials");
     std::fs::create_dir_all(&credentials).expect("credentials dir");
@@ -240,7 +240,7 @@ async fn a_rotated_password_is_picked_up_by_the_next_reconnect() {
 
     // Rotate: new password in the broker and in the file, then cut the user's connections.
     user.change_password();
-    std::fs::write(&password_file, format!("{}\n", user.password)).expect("new password");
+    fleet_tests::write_secret(&password_file, &format!("{}\n", user.password));
     fleet_tests::ctl(&[
         "close_all_user_connections",
         &user.name,

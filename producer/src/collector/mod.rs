@@ -474,3 +474,62 @@ async fn flush(
     group.clear();
     Ok(acker)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::admit;
+    use fleet_shared::envelope::{BatchManifest, ResultMessage};
+    use fleet_shared::topology;
+
+    #[test]
+    fn results_and_manifests_are_admitted_only_through_their_own_exchange() {
+        let result = || {
+            let now = chrono::Utc::now();
+            fleet_shared::envelope::TaskResult {
+                v: 1,
+                task_id: "t".into(),
+                batch: None,
+                kind: "square".into(),
+                status: fleet_shared::envelope::Status::Ok,
+                output: None,
+                error: None,
+                attempts: 1,
+                worker: "h/1/0".into(),
+                started_at: now,
+                finished_at: now,
+                published_by: None,
+                traceparent: None,
+            }
+        };
+        // Every exchange a role can write, the default one and those of other names.
+        let exchanges = [
+            "",
+            "amq.direct",
+            "amq.fanout",
+            topology::TASKS_EXCHANGE,
+            "fleet.tasks.1",
+            topology::RETRY_EXCHANGE,
+            topology::DEAD_EXCHANGE,
+            topology::RESULTS_EXCHANGE,
+            topology::BATCHES_EXCHANGE,
+            topology::STATUS_EXCHANGE,
+        ];
+        for exchange in exchanges {
+            let messages = [
+                (ResultMessage::Result(result()), topology::RESULTS_EXCHANGE),
+                (
+                    ResultMessage::Results(vec![result()]),
+                    topology::RESULTS_EXCHANGE,
+                ),
+                (
+                    ResultMessage::Manifest(BatchManifest::new("b".into(), 1, "square".into())),
+                    topology::BATCHES_EXCHANGE,
+                ),
+            ];
+            for (message, own) in messages {
+                let admitted = admit(exchange, message).is_ok();
+                assert_eq!(admitted, exchange == own, "through `{exchange}`");
+            }
+        }
+    }
+}

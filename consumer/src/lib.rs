@@ -263,6 +263,14 @@ impl Lanes<'_> {
             {
                 None => return Ok(Some((subscription, acker))),
                 Some(error) => {
+                    if let Some(refused) = worker.refusal() {
+                        // A permission no reconnect gives back: unacked tasks are redelivered
+                        // to consumers that have it.
+                        health.lost();
+                        lost.cancel();
+                        tokio::spawn(subscription.close());
+                        return Err(refused.into());
+                    }
                     tracing::warn!(
                         error = %format!("{error:#}"),
                         queue,

@@ -9,6 +9,7 @@ use crate::registry::{HandlerError, Registry, TaskContext, Work};
 use crate::results::Results;
 use chrono::Utc;
 use fleet_shared::envelope::{self, ErrorInfo, Status, TaskResult};
+use fleet_shared::error::PermissionError;
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher, header_str};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::printable;
@@ -39,6 +40,8 @@ pub struct Worker {
     settled: AtomicU64,
     /// The broker user this consumer publishes as, to recognise its own retries.
     own_user: Option<String>,
+    /// The first publish the broker refused this user: the consumer then stops and exits 3.
+    refused: std::sync::Mutex<Option<PermissionError>>,
     metrics: Metrics,
 }
 
@@ -103,6 +106,7 @@ impl Worker {
             shutdown,
             settled: AtomicU64::new(0),
             own_user,
+            refused: std::sync::Mutex::default(),
             metrics,
         })
     }
@@ -171,6 +175,14 @@ impl Worker {
                 channel.acks.returned(tag);
             }
             Err(error) => {
+                if let SettleError::Publish(publish) = &error
+                    && let Some(refusal) = publish.permission()
+                {
+                    self.refused
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get_or_insert(refusal);
+                }
                 tracing::warn!(
                     message_id = ?delivery.properties.message_id(),
                     error = %anyhow::Error::from(error),
@@ -373,6 +385,14 @@ impl Worker {
     /// The consumer's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The publish the broker refused this consumer's user, if it did: waiting cannot help.
+    pub fn refusal(&self) -> Option<PermissionError> {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Deliveries settled (acked or returned) so far.

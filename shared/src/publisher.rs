@@ -59,6 +59,23 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    /// The refusal, when the broker refused this user the publish: a [`PermissionError`] naming
+    /// the exchange, for the process to exit 3 with.
+    ///
+    /// [`PermissionError`]: crate::error::PermissionError
+    pub fn permission(&self) -> Option<crate::error::PermissionError> {
+        match self {
+            Self::Broker { exchange, source } if self.is_refused() => {
+                Some(crate::error::PermissionError {
+                    operation: "publish to".to_owned(),
+                    resource: exchange.clone(),
+                    reason: source.to_string(),
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// True when the broker refused this user the publish (ACCESS_REFUSED on its channel).
     pub fn is_refused(&self) -> bool {
         matches!(self, Self::Broker { source, .. } if matches!(

@@ -500,3 +500,63 @@ async fn a_login_without_permissions_exits_3_naming_what_was_refused() {
         "{output}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_publish_of_results_or_dead_letters_exits_3_naming_the_exchange() {
+    let vhost = Vhost::new();
+    let admin = vhost.settings(&[]);
+    fleet_producer::setup::run(admin.clone())
+        .await
+        .expect("the topology, declared as an admin");
+    let (connection, publisher) = submit::connect_publisher(&admin, "test")
+        .await
+        .expect("publisher");
+    // A task for the consumer, and a body no collector can read.
+    submit::publish_batch(&publisher, "square", vec![json!({ "n": 3 })])
+        .await
+        .expect("published");
+    publisher
+        .publish(fleet_shared::publisher::Outgoing {
+            exchange: topology::RESULTS_EXCHANGE.to_owned(),
+            routing_key: String::new(),
+            body: b"not json".to_vec(),
+            properties: BasicProperties::default(),
+        })
+        .await
+        .expect("published");
+    let _ = connection.close(200, "done".into()).await;
+
+    // Each may read its queue but not write where its outcome goes.
+    let cases = [
+        (
+            "fleet-consumer",
+            roles::CONSUMER.read,
+            topology::RESULTS_EXCHANGE,
+        ),
+        (
+            "fleet-collector",
+            roles::COLLECTOR.read,
+            topology::DEAD_EXCHANGE,
+        ),
+    ];
+    for (binary, read, exchange) in cases {
+        let user = User::new();
+        user.permit(&vhost.name, roles::NOTHING, r"^fleet\.status$", read);
+        let env = vhost.env_as(
+            &user,
+            &[
+                ("FLEET_CONSUMER__LISTEN", "127.0.0.1:0"),
+                ("FLEET_COLLECTOR__LISTEN", "127.0.0.1:0"),
+            ],
+        );
+        let log = vhost.dir.join(format!("{binary}.log"));
+        let status = fleet_tests::process::Process::spawn_logged(binary, &[], &env, &log)
+            .wait(Duration::from_secs(60));
+        let output = std::fs::read_to_string(&log).expect("its log");
+        assert_eq!(status.code(), Some(3), "{binary}: {output}");
+        assert!(
+            output.contains(&format!("the broker refused to publish to `{exchange}`")),
+            "{binary}: {output}"
+        );
+    }
+}

@@ -354,7 +354,7 @@ async fn collect(
                     return Ok(Ended::Lost(error));
                 }
             }
-            Err(Flush::Store(error)) => return Err(error),
+            Err(Flush::Store(error) | Flush::Refused(error)) => return Err(error),
             Err(Flush::Broker(error)) => return Ok(Ended::Lost(error)),
         }
     }
@@ -367,9 +367,11 @@ fn cancelled() -> anyhow::Error {
     )
 }
 
-/// Why a flush failed: the store (fatal) or the broker (reconnect; the group is redelivered).
+/// Why a flush failed: the store or a refused permission (fatal), or the broker (reconnect; the
+/// group is redelivered).
 enum Flush {
     Store(anyhow::Error),
+    Refused(anyhow::Error),
     Broker(anyhow::Error),
 }
 
@@ -445,8 +447,12 @@ async fn flush(
                     vec![(HEADER_ERROR, header_str(&reason))],
                 ))
                 .await
-                .context("dead-lettering an undecodable result")
-                .map_err(Flush::Broker)?;
+                .map_err(|e| match e.permission() {
+                    Some(refused) => Flush::Refused(refused.into()),
+                    None => Flush::Broker(
+                        anyhow::Error::new(e).context("dead-lettering an undecodable result"),
+                    ),
+                })?;
             }
         }
     }

@@ -44,6 +44,56 @@ enum Op {
     DeclareQueue(&'static str),
     Publish(&'static str),
     Consume(&'static str),
+    /// basic.get: read on the queue.
+    Get(&'static str),
+    /// queue.purge: read on the queue.
+    Purge(&'static str),
+    /// Delete a queue or exchange of this name that the admin has just declared.
+    DeleteQueue(&'static str),
+    DeleteExchange(&'static str),
+    /// queue.bind: write on the queue, read on the exchange.
+    BindQueue {
+        queue: &'static str,
+        exchange: &'static str,
+    },
+    /// exchange.bind: write on the destination, read on the source.
+    BindExchange {
+        destination: &'static str,
+        source: &'static str,
+    },
+}
+
+/// Declares, as `admin`, what `op` is about to try to delete.
+async fn prepare(admin: &Member, op: Op) {
+    let connection = fleet_shared::amqp::connect(&admin.settings, "test-prepare")
+        .await
+        .expect("the admin connects");
+    let channel = connection.create_channel().await.expect("channel");
+    match op {
+        Op::DeleteQueue(name) => {
+            channel
+                .queue_declare(
+                    name.into(),
+                    QueueDeclareOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("declared");
+        }
+        Op::DeleteExchange(name) => {
+            channel
+                .exchange_declare(
+                    name.into(),
+                    ExchangeKind::Fanout,
+                    ExchangeDeclareOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("declared");
+        }
+        _ => {}
+    }
+    let _ = connection.close(200, "prepared".into()).await;
 }
 
 /// Tries `op` as `member` on a connection of its own; true if the broker allowed it.
@@ -102,6 +152,48 @@ async fn allowed(member: &Member, op: Op) -> bool {
                 queue.into(),
                 "".into(),
                 BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map(drop),
+        Op::Get(queue) => channel
+            .basic_get(queue.into(), lapin::options::BasicGetOptions::default())
+            .await
+            .map(drop),
+        Op::Purge(queue) => channel
+            .queue_purge(queue.into(), lapin::options::QueuePurgeOptions::default())
+            .await
+            .map(drop),
+        Op::DeleteQueue(name) => channel
+            .queue_delete(name.into(), lapin::options::QueueDeleteOptions::default())
+            .await
+            .map(drop),
+        Op::DeleteExchange(name) => channel
+            .exchange_delete(
+                name.into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await
+            .map(drop),
+        Op::BindQueue { queue, exchange } => channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                "probe".into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map(drop),
+        Op::BindExchange {
+            destination,
+            source,
+        } => channel
+            .exchange_bind(
+                destination.into(),
+                source.into(),
+                "probe".into(),
+                lapin::options::ExchangeBindOptions::default(),
                 FieldTable::default(),
             )
             .await
@@ -186,10 +278,84 @@ async fn every_role_may_do_what_it_needs_and_nothing_else() {
             [true, false, false, false],
         ),
         (Op::Consume(retry_queue), [true, false, false, false]),
+        (Op::Get(topology::WORK_QUEUE), [true, false, true, false]),
+        // No basic.get on fleet.results: a quorum queue with a single active consumer refuses
+        // it to everyone (RESOURCE_LOCKED); Consume above covers reading it.
+        (Op::Get(topology::DEAD_QUEUE), [true, false, false, false]),
+        (Op::Get(retry_queue), [true, false, false, false]),
+        // Purging needs only read: the consumer can purge the queue it takes tasks from
+        // (SECURITY.md, "Not covered yet").
+        (Op::Purge(topology::WORK_QUEUE), [true, false, true, false]),
+        (
+            Op::Purge(topology::RESULTS_QUEUE),
+            [true, false, false, true],
+        ),
+        (Op::Purge(topology::DEAD_QUEUE), [true, false, false, false]),
+        (Op::Purge(retry_queue), [true, false, false, false]),
+        (
+            Op::DeleteQueue("fleet.probe-queue"),
+            [true, false, false, false],
+        ),
+        (
+            Op::DeleteExchange("fleet.probe-exchange"),
+            [true, false, false, false],
+        ),
+        // Queue and exchange share the names fleet.results and fleet.dead: the collector may
+        // read the one and write the other, so it can bind them (SECURITY.md, "Not covered yet").
+        (
+            Op::BindQueue {
+                queue: topology::DEAD_QUEUE,
+                exchange: topology::RESULTS_EXCHANGE,
+            },
+            [true, false, false, true],
+        ),
+        (
+            Op::BindExchange {
+                destination: topology::DEAD_EXCHANGE,
+                source: topology::RESULTS_EXCHANGE,
+            },
+            [true, false, false, true],
+        ),
+        (
+            Op::BindQueue {
+                queue: topology::RESULTS_QUEUE,
+                exchange: topology::TASKS_EXCHANGE,
+            },
+            [true, false, false, false],
+        ),
+        (
+            Op::BindQueue {
+                queue: topology::WORK_QUEUE,
+                exchange: topology::RESULTS_EXCHANGE,
+            },
+            [true, false, false, false],
+        ),
+        (
+            Op::BindQueue {
+                queue: topology::RESULTS_QUEUE,
+                exchange: topology::BATCHES_EXCHANGE,
+            },
+            [true, false, false, false],
+        ),
+        (
+            Op::BindExchange {
+                destination: topology::RESULTS_EXCHANGE,
+                source: topology::TASKS_EXCHANGE,
+            },
+            [true, false, false, false],
+        ),
+        (
+            Op::BindExchange {
+                destination: topology::TASKS_EXCHANGE,
+                source: topology::STATUS_EXCHANGE,
+            },
+            [true, false, false, false],
+        ),
     ];
     let mut wrong = Vec::new();
     for (op, expected) in matrix {
         for (member, expected) in members.iter().zip(expected) {
+            prepare(admin, op).await;
             if allowed(member, op).await != expected {
                 wrong.push(format!(
                     "{} {op:?}: expected allowed={expected}",

@@ -23,6 +23,19 @@ fn raw_task(id: &str, batch: Option<&str>) -> Outgoing {
     }
 }
 
+/// Waits for the service at `base` to answer `/readyz` with 200.
+async fn until_ready(http: &reqwest::Client, base: &str) {
+    eventually(
+        "the service to be ready",
+        Duration::from_secs(30),
+        || async {
+            let ready = http.get(format!("{base}/readyz")).send().await.ok()?;
+            ready.status().is_success().then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ids_and_batches_past_their_bounds_are_dead_lettered_and_the_consumer_goes_on() {
     let vhost = Vhost::new();
@@ -108,11 +121,7 @@ async fn the_api_refuses_names_past_their_bounds_with_a_400_naming_the_field() {
     let api = Service::producer_api(&settings);
     let base = format!("http://{}", settings.producer.listen);
     let http = reqwest::Client::new();
-    eventually("the API to be ready", Duration::from_secs(30), || async {
-        let ready = http.get(format!("{base}/readyz")).send().await.ok()?;
-        ready.status().is_success().then_some(())
-    })
-    .await;
+    until_ready(&http, &base).await;
 
     let post = |path: &'static str, body: Value| {
         let http = http.clone();
@@ -166,15 +175,7 @@ async fn careless_files_and_pages_get_a_clear_answer() {
     let collector = Service::collector(&settings);
     let base = settings.producer.collector_url.clone();
     let http = reqwest::Client::new();
-    eventually(
-        "the collector to be ready",
-        Duration::from_secs(30),
-        || async {
-            let ready = http.get(format!("{base}/readyz")).send().await.ok()?;
-            ready.status().is_success().then_some(())
-        },
-    )
-    .await;
+    until_ready(&http, &base).await;
 
     // An offset past SQLite's integers is the caller's mistake, not the collector's.
     let answer = http
@@ -304,11 +305,7 @@ async fn arbitrary_kinds_over_http_do_not_grow_the_metrics_without_end() {
     let api = Service::producer_api(&settings);
     let base = format!("http://{}", settings.producer.listen);
     let http = reqwest::Client::new();
-    eventually("the API to be ready", Duration::from_secs(30), || async {
-        let ready = http.get(format!("{base}/readyz")).send().await.ok()?;
-        ready.status().is_success().then_some(())
-    })
-    .await;
+    until_ready(&http, &base).await;
     for i in 0..150 {
         let accepted = http
             .post(format!("{base}/v1/tasks"))

@@ -213,6 +213,16 @@ pub struct ExecSettings {
     /// Bytes kept of each of stdout and stderr. Default 65536.
     /// Env `FLEET_CONSUMER__EXEC__MAX_OUTPUT_BYTES`.
     pub max_output_bytes: usize,
+    /// The user id programs run as, so that they cannot read the consumer's own files (its
+    /// password, `/proc/<consumer>/environ`). Default none: the consumer's own user. Needs a
+    /// consumer that may change user (root, or `CAP_SETUID` and `CAP_SETGID`).
+    /// Env `FLEET_CONSUMER__EXEC__UID`.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// The group id programs run as, with no supplementary groups; set with `uid`.
+    /// Env `FLEET_CONSUMER__EXEC__GID`.
+    #[serde(default)]
+    pub gid: Option<u32>,
 }
 
 /// `[producer]`: the submit CLI and the HTTP API.
@@ -506,6 +516,21 @@ impl Settings {
                     format!("cannot read {}: {e}", path.display()),
                 ));
             }
+        }
+        match (self.consumer.exec.uid, self.consumer.exec.gid) {
+            (Some(_), None) => {
+                return Err(SettingsError::new(
+                    "consumer.exec.gid",
+                    "is needed with consumer.exec.uid",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(SettingsError::new(
+                    "consumer.exec.uid",
+                    "is needed with consumer.exec.gid",
+                ));
+            }
+            _ => {}
         }
         for (name, path) in &self.consumer.exec.programs {
             let key = || format!("consumer.exec.programs.{name}");

@@ -378,3 +378,70 @@ async fn half_sent_and_idle_http_connections_are_closed() {
     assert!(idle, "an idle keep-alive connection is closed");
     collector.stop().await.expect("collector drains cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exec_programs_run_as_another_user_cannot_read_the_consumers_secrets() {
+    let vhost = Vhost::new();
+    let password = vhost.dir.join("guest.password");
+    fleet_tests::write_secret(&password, "guest\n");
+    let settings = vhost.settings(&[
+        (
+            "FLEET_AMQP__PASSWORD_FILE",
+            password.to_str().expect("utf-8"),
+        ),
+        ("FLEET_CONSUMER__EXEC__PROGRAMS__CAT", "/bin/cat"),
+        ("FLEET_CONSUMER__EXEC__UID", "65534"),
+        ("FLEET_CONSUMER__EXEC__GID", "65534"),
+    ]);
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    // The consumer runs in this process: its environ is ours.
+    let environ = format!("/proc/{}/environ", std::process::id());
+    let files = [
+        password.display().to_string(),
+        environ,
+        "/etc/os-release".to_owned(),
+    ];
+    let payloads = files
+        .iter()
+        .map(|file| json!({ "program": "cat", "args": [file] }))
+        .collect();
+    let receipt = submit::publish_batch(&publisher, "exec", payloads)
+        .await
+        .expect("published");
+    let _ = connection.close(200, "done".into()).await;
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    complete(&client, &receipt.batch, Duration::from_secs(60)).await;
+    let results = client.results(&receipt.batch).await.expect("results");
+    let by_id: std::collections::HashMap<_, _> =
+        results.iter().map(|r| (r.task_id.as_str(), r)).collect();
+    let output = |i: usize| {
+        by_id[receipt.task_ids[i].as_str()]
+            .output
+            .clone()
+            .expect("cat ran")
+    };
+    for secret in [0, 1] {
+        let out = output(secret);
+        assert_eq!(out["exit_code"], 1, "{} was read: {out}", files[secret]);
+        assert_eq!(out["stdout"], "");
+        assert!(
+            out["stderr"]
+                .as_str()
+                .is_some_and(|e| e.contains("Permission denied")),
+            "{out}"
+        );
+    }
+    let public = output(2);
+    assert_eq!(public["exit_code"], 0, "the program does run: {public}");
+    assert!(
+        public["stdout"]
+            .as_str()
+            .is_some_and(|s| s.contains("PRETTY_NAME"))
+    );
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}

@@ -49,6 +49,8 @@ pub struct Exec {
     programs: Arc<BTreeMap<String, PathBuf>>,
     timeout: Duration,
     max_output: usize,
+    /// The user and group programs run as (`consumer.exec.uid`, `consumer.exec.gid`).
+    run_as: Option<(u32, u32)>,
 }
 
 impl Exec {
@@ -58,6 +60,7 @@ impl Exec {
             programs: Arc::new(settings.programs.clone()),
             timeout: Duration::from_millis(settings.timeout_ms),
             max_output: settings.max_output_bytes,
+            run_as: settings.uid.zip(settings.gid),
         }
     }
 
@@ -73,7 +76,13 @@ impl Exec {
                 ),
             )
         })?;
-        let mut child = Command::new(path)
+        let mut command = Command::new(path);
+        if let Some((uid, gid)) = self.run_as {
+            // The child drops to this user before exec; as root, std also drops the
+            // supplementary groups.
+            command.uid(uid).gid(gid);
+        }
+        let mut child = command
             .args(&payload.args)
             .env_clear()
             .stdin(Stdio::piped())

@@ -449,7 +449,10 @@ async fn dead_letter(
 ) -> Result<(), SettleError> {
     tracing::warn!(message_id = ?delivery.properties.message_id(), reason = %printable(reason), "dead-lettering");
     let mut headers = vec![
-        (envelope::HEADER_ERROR, header_str(reason)),
+        (
+            envelope::HEADER_ERROR,
+            header_str(&envelope::reason_header(reason)),
+        ),
         (
             envelope::HEADER_ROUTING_KEY,
             header_str(delivery.routing_key.as_str()),

@@ -64,6 +64,23 @@ pub fn check_name(field: &'static str, value: &str) -> Result<(), FieldError> {
     Err(FieldError { field, problem })
 }
 
+/// The most bytes of a reason in `x-fleet-error`: a dead letter's headers travel in one frame
+/// (32 KiB by default, `amqp.url`'s `frame_max`), and a reason is a line for a person.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// `reason` as the `x-fleet-error` header carries it: cut at [`MAX_REASON_BYTES`] on a character
+/// boundary, with `…` where it was cut. A handler's or a panic's message can be any length.
+pub fn reason_header(reason: &str) -> std::borrow::Cow<'_, str> {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason.into();
+    }
+    let mut end = MAX_REASON_BYTES - '…'.len_utf8();
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &reason[..end]).into()
+}
+
 /// Checks `batch` when there is one.
 fn check_batch(batch: Option<&str>) -> Result<(), FieldError> {
     batch.map_or(Ok(()), |b| check_name("batch", b))
@@ -520,6 +537,20 @@ mod tests {
             decode_result(&encode(&manifest)),
             Err(DecodeError::Field(FieldError { field: "batch", .. }))
         ));
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_to_its_bound_on_a_character_boundary() {
+        assert_eq!(reason_header("short"), "short");
+        let exact = "r".repeat(MAX_REASON_BYTES);
+        assert_eq!(reason_header(&exact), exact.as_str());
+        let long = "é".repeat(MAX_REASON_BYTES);
+        let cut = reason_header(&long);
+        assert!(
+            cut.len() <= MAX_REASON_BYTES && cut.ends_with('…'),
+            "{}",
+            cut.len()
+        );
     }
 
     #[test]

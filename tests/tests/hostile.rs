@@ -445,3 +445,60 @@ async fn exec_programs_run_as_another_user_cannot_read_the_consumers_secrets() {
     consumer.stop().await.expect("consumer drains cleanly");
     collector.stop().await.expect("collector drains cleanly");
 }
+
+async fn fails_at_length(
+    _: Value,
+    _: fleet_consumer::registry::TaskContext,
+) -> Result<Value, fleet_consumer::registry::HandlerError> {
+    Err(fleet_consumer::registry::HandlerError::permanent(
+        "verbose",
+        "why ".repeat(25_000),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_100_kb_failure_message_is_dead_lettered_with_its_reason_cut_to_the_bound() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let collector = Service::collector(&settings);
+    let mut registry = fleet_consumer::handlers::registry(&settings).expect("built-ins");
+    registry
+        .register(
+            "verbose",
+            fleet_consumer::registry::Work::Inline,
+            fails_at_length,
+        )
+        .expect("a new kind");
+    let consumer = Service::consumer(&settings, registry);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    let receipt = submit::publish_batch(&publisher, "verbose", vec![json!({})])
+        .await
+        .expect("published");
+    let _ = connection.close(200, "done".into()).await;
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let status = complete(&client, &receipt.batch, Duration::from_secs(60)).await;
+    assert_eq!((status.done, status.failed), (1, 1));
+    let dead = eventually("the dead letter", Duration::from_secs(30), || {
+        let settings = settings.clone();
+        async move {
+            let dead = drain_dead(&settings).await;
+            (!dead.is_empty()).then_some(dead)
+        }
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    let (reason, _) = &dead[0];
+    assert!(reason.starts_with("verbose: why why"), "{reason}");
+    assert!(reason.len() <= fleet_shared::envelope::MAX_REASON_BYTES && reason.ends_with('…'));
+    let result = client
+        .task(&receipt.task_ids[0])
+        .await
+        .expect("answers")
+        .expect("stored");
+    let message = result.error.expect("an error").message;
+    assert_eq!(message.len(), 100_000, "the result keeps the whole message");
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}

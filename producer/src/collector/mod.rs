@@ -444,7 +444,7 @@ async fn flush(
                     topology::RESULTS_QUEUE,
                     delivery.data.clone(),
                     &delivery.properties,
-                    vec![(HEADER_ERROR, header_str(&reason))],
+                    vec![(HEADER_ERROR, header_str(&envelope::reason_header(&reason)))],
                 ))
                 .await
                 .map_err(|e| match e.permission() {

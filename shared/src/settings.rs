@@ -843,6 +843,12 @@ mod tests {
             assert_eq!(err.key, "consumer.exec.programs.run");
             assert!(err.message.contains("runs other programs"), "{err}");
         }
+        let err = Settings::load_from(None, env(&[("FLEET_CONSUMER__EXEC__UID", "65534")]))
+            .expect_err("a uid without a gid");
+        assert_eq!(err.key, "consumer.exec.gid");
+        let err = Settings::load_from(None, env(&[("FLEET_CONSUMER__EXEC__GID", "65534")]))
+            .expect_err("a gid without a uid");
+        assert_eq!(err.key, "consumer.exec.uid");
         let err = Settings::load_from(
             None,
             env(&[("FLEET_AMQP__URL", "amqp:/fleet:s3cret@broker/fleet")]),

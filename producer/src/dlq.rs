@@ -5,19 +5,20 @@
 //! dead-letters a task that reached the work queue's delivery limit (with `x-death`, reason
 //! `delivery_limit`). Both are read the same way here.
 //!
-//! Reading never loses a message: every message is taken unacked, and only a message that was
-//! replayed (its copy confirmed by the broker) or purged is acked; the rest go back to the queue
-//! when the channel closes.
+//! Reading never loses a message: every message is taken unacked, and a message is acked only
+//! once it was replayed (its task confirmed by the broker), purged, or put back (a copy
+//! confirmed in `fleet.dead`). Reading never returns a message to the queue either, so reads do
+//! not add to its delivery count ([`each`]).
 
 use crate::submit::connect_publisher;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use fleet_shared::envelope::{self, HEADER_ATTEMPT, HEADER_DEAD_AT, HEADER_ERROR};
-use fleet_shared::publisher::{Outgoing, Publisher, task_headers, without_user_id};
+use fleet_shared::publisher::{Outgoing, Publisher, header_str, task_headers, without_user_id};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::printable;
 use fleet_shared::topology;
-use lapin::message::BasicGetMessage;
+use lapin::message::{BasicGetMessage, Delivery};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
@@ -69,8 +70,7 @@ fn first_death(headers: &FieldTable) -> Option<&FieldTable> {
 }
 
 /// Reads what fleet and the broker recorded on a dead message.
-pub fn describe(message: &BasicGetMessage) -> DeadLetter {
-    let delivery = &message.delivery;
+pub fn describe(delivery: &Delivery) -> DeadLetter {
     let properties = &delivery.properties;
     let headers = properties.headers().clone().unwrap_or_default();
     let get = |key: &str| headers.inner().get(key);
@@ -131,13 +131,23 @@ impl Select {
     }
 }
 
-/// Takes each message in `fleet.dead` (as many as it holds now) unacked and hands it to
-/// `act`; returns when all were seen. Messages `act` does not ack go back when the channel
-/// closes.
+/// How many kept letters wait before their copies are published back in one go.
+const PUT_BACK_BURST: usize = 256;
+
+/// Takes each message in `fleet.dead` (as many as it holds now) unacked and hands it to `act`,
+/// which acks it (the letter leaves) or hands it back to keep it; returns when all were seen.
+///
+/// A message `act` keeps is put back without being returned: a copy is published to
+/// `fleet.dead` and, once the broker confirmed it, the original is acked. Returning it instead
+/// (a requeue, or the channel closing on it) would count as a delivery on a quorum queue: its
+/// `x-delivery-count` would grow with every read and, where the broker sets a delivery limit
+/// (RabbitMQ 4.x sets one of 20 by default), a dead letter would be dropped after enough reads.
+/// Kept letters keep their order among themselves; a process killed between a copy's confirm and
+/// its original's ack leaves that letter twice (never none).
 async fn each<F, Fut>(settings: &Settings, mut act: F) -> anyhow::Result<()>
 where
     F: FnMut(BasicGetMessage, Publisher) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
+    Fut: Future<Output = anyhow::Result<Option<Delivery>>>,
 {
     let (connection, publisher) = connect_publisher(settings, "fleet-producer-dlq").await?;
     let channel = connection
@@ -156,21 +166,104 @@ where
         .await
         .context("looking up fleet.dead")?;
     let mut outcome = Ok(());
+    let mut kept = Vec::new();
     for _ in 0..queue.message_count() {
         let got = channel
             .basic_get(topology::DEAD_QUEUE.into(), BasicGetOptions::default())
             .await
-            .context("reading fleet.dead")?;
-        let Some(message) = got else { break };
-        if let Err(error) = act(message, publisher.clone()).await {
+            .context("reading fleet.dead");
+        let message = match got {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(error) => {
+                outcome = Err(error);
+                break;
+            }
+        };
+        match act(message, publisher.clone()).await {
+            Ok(None) => {}
+            Ok(Some(delivery)) => kept.push(delivery),
+            Err(error) => {
+                outcome = Err(error);
+                break;
+            }
+        }
+        if kept.len() >= PUT_BACK_BURST
+            && let Err(error) = put_back(&publisher, std::mem::take(&mut kept)).await
+        {
             outcome = Err(error);
             break;
         }
     }
-    // Unacked messages return to fleet.dead here.
+    if outcome.is_ok() {
+        outcome = put_back(&publisher, kept).await;
+    }
+    // Anything still unacked (only after a failure) returns to fleet.dead here.
     let _ = channel.close(200, "done".into()).await;
     let _ = connection.close(200, "done".into()).await;
     outcome
+}
+
+/// Publishes a copy of each kept dead letter to `fleet.dead`, then acks the originals.
+///
+/// The copy carries fleet's own description of the letter (reason, attempts, when), so it reads
+/// the same whether or not the broker keeps a client's `x-death` header.
+async fn put_back(publisher: &Publisher, kept: Vec<Delivery>) -> anyhow::Result<()> {
+    if kept.is_empty() {
+        return Ok(());
+    }
+    let copies = kept.iter().map(kept_copy).collect();
+    publisher
+        .publish_all(copies)
+        .await
+        .map_err(|unconfirmed| unconfirmed.error)
+        .context("putting dead letters back")?;
+    for delivery in kept {
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .context("removing a dead letter that was put back")?;
+    }
+    Ok(())
+}
+
+/// The copy of a kept dead letter: the same body, routing key and properties (without the
+/// `user_id`, which only its first publisher may set, and without the broker's delivery count),
+/// with fleet's headers filled in from what [`describe`] reads.
+fn kept_copy(delivery: &Delivery) -> Outgoing {
+    let letter = describe(delivery);
+    let mut headers = FieldTable::default();
+    if let Some(old) = delivery.properties.headers() {
+        for (key, value) in old.inner() {
+            if key.as_str() != "x-delivery-count" {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    let has = |headers: &FieldTable, key: &str| headers.inner().contains_key(key);
+    if !has(&headers, HEADER_ERROR) {
+        headers.insert(HEADER_ERROR.into(), header_str(&letter.reason));
+    }
+    if !has(&headers, HEADER_ATTEMPT) {
+        headers.insert(
+            HEADER_ATTEMPT.into(),
+            AMQPValue::LongLongInt(letter.attempts.into()),
+        );
+    }
+    if !has(&headers, HEADER_DEAD_AT)
+        && let Some(when) = letter.when
+    {
+        headers.insert(
+            HEADER_DEAD_AT.into(),
+            AMQPValue::Timestamp(u64::try_from(when.timestamp()).unwrap_or_default()),
+        );
+    }
+    Outgoing {
+        exchange: topology::DEAD_EXCHANGE.to_owned(),
+        routing_key: delivery.routing_key.as_str().to_owned(),
+        body: delivery.data.clone(),
+        properties: without_user_id(&delivery.properties).with_headers(headers),
+    }
 }
 
 /// Every message in `fleet.dead`, oldest first; none is removed.
@@ -179,8 +272,8 @@ where
 pub async fn list(settings: &Settings) -> anyhow::Result<Vec<DeadLetter>> {
     let mut letters = Vec::new();
     each(settings, |message, _| {
-        letters.push(describe(&message));
-        async { Ok(()) }
+        letters.push(describe(&message.delivery));
+        async { Ok(Some(message.delivery)) }
     })
     .await?;
     Ok(letters)
@@ -202,7 +295,7 @@ pub struct Replayed {
 /// path, so no role can launder a forged result or manifest through an admin's replay.
 ///
 /// Fails with the reason it is no task.
-pub fn replayable(delivery: &lapin::message::Delivery) -> Result<(), String> {
+pub fn replayable(delivery: &Delivery) -> Result<(), String> {
     let task = envelope::decode_task(&delivery.data).map_err(|e| format!("not a task: {e}"))?;
     let routing_key = delivery.routing_key.as_str();
     if routing_key == topology::RESULTS_QUEUE {
@@ -226,7 +319,7 @@ pub fn replayable(delivery: &lapin::message::Delivery) -> Result<(), String> {
 pub async fn replay(settings: &Settings, select: &Select) -> anyhow::Result<Replayed> {
     let mut done = Replayed::default();
     each(settings, |message, publisher| {
-        let chosen = select.matches(&describe(&message));
+        let chosen = select.matches(&describe(&message.delivery));
         let task = chosen && {
             let replayable = replayable(&message.delivery);
             if let Err(why) = &replayable {
@@ -241,7 +334,7 @@ pub async fn replay(settings: &Settings, select: &Select) -> anyhow::Result<Repl
         }
         async move {
             if !task {
-                return Ok(());
+                return Ok(Some(message.delivery));
             }
             let delivery = &message.delivery;
             let routing_key = delivery.routing_key.as_str();
@@ -277,7 +370,7 @@ pub async fn replay(settings: &Settings, select: &Select) -> anyhow::Result<Repl
                 .ack(BasicAckOptions::default())
                 .await
                 .context("removing the replayed dead copy")?;
-            Ok(())
+            Ok(None)
         }
     })
     .await?;
@@ -290,19 +383,20 @@ pub async fn replay(settings: &Settings, select: &Select) -> anyhow::Result<Repl
 pub async fn purge(settings: &Settings, select: &Select) -> anyhow::Result<u64> {
     let mut purged = 0;
     each(settings, |message, _| {
-        let chosen = select.matches(&describe(&message));
+        let chosen = select.matches(&describe(&message.delivery));
         if chosen {
             purged += 1;
         }
         async move {
-            if chosen {
-                message
-                    .delivery
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .context("removing a dead message")?;
+            if !chosen {
+                return Ok(Some(message.delivery));
             }
-            Ok(())
+            message
+                .delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .context("removing a dead message")?;
+            Ok(None)
         }
     })
     .await?;

@@ -388,3 +388,112 @@ async fn dlq_list_escapes_what_a_publisher_put_in_a_dead_letter() {
         "{table}"
     );
 }
+
+/// A dead letter as the broker writes one when a task passes its delivery limit.
+fn broker_dead_letter(id: &str) -> Outgoing {
+    let mut death = lapin::types::FieldTable::default();
+    death.insert(
+        "reason".into(),
+        fleet_shared::publisher::header_str("delivery_limit"),
+    );
+    death.insert(
+        "queue".into(),
+        fleet_shared::publisher::header_str("fleet.tasks.default"),
+    );
+    death.insert(
+        "time".into(),
+        lapin::types::AMQPValue::Timestamp(1_800_000_000),
+    );
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-death".into(),
+        lapin::types::AMQPValue::FieldArray(
+            vec![lapin::types::AMQPValue::FieldTable(death)].into(),
+        ),
+    );
+    let task = Task::new(id.into(), "square".into(), None, json!(2));
+    Outgoing {
+        exchange: topology::DEAD_EXCHANGE.to_owned(),
+        routing_key: "square".to_owned(),
+        body: serde_json::to_vec(&task).expect("JSON"),
+        properties: lapin::BasicProperties::default()
+            .with_message_id(id.into())
+            .with_headers(headers),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reading_dead_letters_never_returns_them_to_the_queue() {
+    let vhost = Vhost::new();
+    let env = vhost.env(&[]);
+    let settings = settings_of(&env);
+    let consumer = Service::builtin_consumer(&settings);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    let mut messages: Vec<Outgoing> = (0..3)
+        .map(|i| {
+            Outgoing::task(&Task::new(
+                format!("later-{i}"),
+                "later".into(),
+                None,
+                json!(i),
+            ))
+        })
+        .collect();
+    messages.push(broker_dead_letter("limited-0"));
+    publisher.publish_all(messages).await.expect("published");
+    let _ = connection.close(200, "done".into()).await;
+    eventually("four dead letters", Duration::from_secs(30), || async {
+        (ready(&settings, topology::DEAD_QUEUE).await == 4).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("consumer drains cleanly");
+
+    let first = listed(&env);
+    assert_eq!(first.len(), 4, "{first:?}");
+    let limited = first
+        .iter()
+        .find(|l| l.id.as_deref() == Some("limited-0"))
+        .expect("the broker's dead letter");
+    assert_eq!(
+        limited.reason,
+        "delivery_limit (broker, queue fleet.tasks.default)"
+    );
+    // Reads that select nothing, each of which used to return every letter to the queue.
+    for _ in 0..5 {
+        assert_eq!(listed(&env), first, "a read changes nothing it shows");
+    }
+    assert_eq!(dlq(&env, &["replay", "nobody"]).trim(), "replayed 0");
+    assert_eq!(dlq(&env, &["purge", "nobody"]).trim(), "purged 0");
+    assert_eq!(listed(&env), first, "in the same order, described the same");
+    assert_eq!(ready(&settings, topology::DEAD_QUEUE).await, 4);
+
+    // The broker saw no letter come back: none carries a delivery count.
+    let connection = fleet_shared::amqp::connect(&settings, "test-dead-reader")
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    for _ in 0..4 {
+        let got = channel
+            .basic_get(
+                topology::DEAD_QUEUE.into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await
+            .expect("get")
+            .expect("a dead letter");
+        let count = got
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count").cloned());
+        assert!(
+            matches!(count, None | Some(lapin::types::AMQPValue::LongLongInt(0))),
+            "{:?} was returned to fleet.dead: x-delivery-count {count:?}",
+            got.delivery.properties.message_id()
+        );
+    }
+    let _ = connection.close(200, "done".into()).await;
+}

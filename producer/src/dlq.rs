@@ -87,6 +87,16 @@ pub fn describe(delivery: &Delivery) -> DeadLetter {
                 .unwrap_or_default();
             Some(format!("{reason} (broker, queue {queue})"))
         })
+        .or_else(|| {
+            // Routed here as the alternate exchange of the exchange it was published to.
+            let exchange = delivery.exchange.as_str();
+            (exchange != topology::DEAD_EXCHANGE).then(|| {
+                format!(
+                    "unroutable: published to `{exchange}` with routing key `{}`",
+                    delivery.routing_key
+                )
+            })
+        })
         .unwrap_or_else(|| "unknown".to_owned());
     let when = get(HEADER_DEAD_AT)
         .or_else(|| death.and_then(|d| d.inner().get("time")))
@@ -350,7 +360,8 @@ pub async fn replay(settings: &Settings, select: &Select) -> anyhow::Result<Repl
                         || key == HEADER_ERROR
                         || key == HEADER_DEAD_AT
                         || key == HEADER_ATTEMPT
-                        || key == envelope::HEADER_ROUTING_KEY;
+                        || key == envelope::HEADER_ROUTING_KEY
+                        || key == envelope::HEADER_DELAY;
                     if !dropped {
                         headers.insert(key.into(), value.clone());
                     }

@@ -6,31 +6,31 @@ use fleet_shared::settings::Settings;
 use fleet_shared::{amqp, topology};
 
 /// Declares every exchange, queue and binding (with the retry delays of every kind in
-/// `settings`). Safe to run again.
+/// `settings`), and prints what it had to change in a topology an earlier fleet declared. Safe
+/// to run again.
 ///
 /// Fails when the broker cannot be reached, refuses us, or refuses a declaration (this user may
 /// not configure, or a queue exists with other arguments).
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let connection = amqp::connect(&settings, "fleet-producer-setup").await?;
-    let channel = connection
-        .create_channel()
-        .await
-        .context("opening a channel")?;
-    topology::declare(&channel, &settings)
+    let upgrades = topology::declare(&connection, &settings)
         .await
         .context("declaring the topology (this needs a user that may configure fleet's names)")?;
     let _ = connection.close(200, "set up".into()).await;
+    for upgrade in &upgrades {
+        println!("{upgrade}");
+    }
+    let exchanges: Vec<String> = topology::exchanges(&settings)
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
     println!(
-        "topology declared: exchanges {}, {}, {}, {}, {}, {}; queues {}, {}, {} and {} delay queues",
-        topology::tasks_exchanges(&settings).join(", "),
-        topology::RETRY_EXCHANGE,
-        topology::DEAD_EXCHANGE,
-        topology::RESULTS_EXCHANGE,
-        topology::BATCHES_EXCHANGE,
-        topology::STATUS_EXCHANGE,
+        "topology declared: exchanges {}; queues {}, {}, {}, {} and {} delay queues",
+        exchanges.join(", "),
         topology::work_queues(&settings).join(", "),
         topology::DEAD_QUEUE,
         topology::RESULTS_QUEUE,
+        topology::UNROUTABLE_QUEUE,
         settings.all_retry_delays().len()
     );
     Ok(())

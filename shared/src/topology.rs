@@ -18,7 +18,10 @@
 
 use crate::settings::{QueueType, Settings};
 use anyhow::Context as _;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
@@ -39,6 +42,13 @@ pub const RESULTS_QUEUE: &str = "fleet.results";
 pub const RESULTS_EXCHANGE: &str = "fleet.results";
 /// Producers publish batch manifests here (fanout to [`RESULTS_QUEUE`]).
 pub const BATCHES_EXCHANGE: &str = "fleet.batches";
+/// What no other exchange could route lands here (the alternate exchange of `fleet.dead`)...
+pub const UNROUTABLE_EXCHANGE: &str = "fleet.unroutable";
+/// ...and in this queue.
+pub const UNROUTABLE_QUEUE: &str = "fleet.unroutable";
+/// The `fleet-delay-ms` value of a task handed back without delay: `fleet.retry` routes it
+/// straight to `fleet.tasks` (no retry delay may be 0).
+pub const NO_DELAY: &str = "0";
 /// Consumers and the collector publish a status beat here every few seconds (fanout, bound to
 /// nothing until `fleet-producer status` listens; see [`crate::status`]).
 pub const STATUS_EXCHANGE: &str = "fleet.status";
@@ -80,7 +90,11 @@ pub fn queues(settings: &Settings) -> Vec<String> {
     work_queues(settings)
         .into_iter()
         .chain(settings.all_retry_delays().into_iter().map(retry_queue))
-        .chain([DEAD_QUEUE.to_owned(), RESULTS_QUEUE.to_owned()])
+        .chain([
+            DEAD_QUEUE.to_owned(),
+            RESULTS_QUEUE.to_owned(),
+            UNROUTABLE_QUEUE.to_owned(),
+        ])
         .collect()
 }
 
@@ -120,49 +134,185 @@ fn durable() -> QueueDeclareOptions {
     }
 }
 
-/// Declares every exchange, queue and binding. Safe to call again with the same settings.
+/// One exchange of the topology.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    /// Its name.
+    pub name: String,
+    /// Its type.
+    pub kind: ExchangeKind,
+    /// Where the broker routes what this exchange cannot route (`alternate-exchange`).
+    pub alternate: Option<&'static str>,
+}
+
+/// Every exchange, in the order they are declared.
 ///
-/// Fails when the broker refuses (permissions, or a queue that exists with other arguments:
-/// a `PRECONDITION_FAILED` channel error).
-/// Declares a delay queue for every retry delay any kind uses ([`Settings::all_retry_delays`]).
-pub async fn declare(channel: &Channel, all: &Settings) -> lapin::Result<()> {
-    let settings = &all.topology;
-    let exchange = ExchangeDeclareOptions {
+/// Every exchange fleet publishes to with `mandatory` has an alternate exchange, so that the
+/// broker never returns a message (docs/DELIVERY.md "Unroutable messages"): lapin hands a
+/// `basic.return` to whichever confirm it completes next, which need not be the returned
+/// publish's, so a return could fail the wrong publish and let the unroutable one pass as
+/// confirmed. Unroutable tasks, retries, results and manifests land in `fleet.dead` instead,
+/// where `dlq list` shows them and `dlq replay` can send the tasks again; what `fleet.dead`
+/// itself cannot route lands in `fleet.unroutable`. Status beats are neither mandatory nor kept.
+pub fn exchanges(settings: &Settings) -> Vec<Exchange> {
+    let exchange = |name: &str, kind, alternate| Exchange {
+        name: name.to_owned(),
+        kind,
+        alternate,
+    };
+    let dead = Some(DEAD_EXCHANGE);
+    let mut all = vec![
+        exchange(UNROUTABLE_EXCHANGE, ExchangeKind::Fanout, None),
+        exchange(
+            DEAD_EXCHANGE,
+            ExchangeKind::Fanout,
+            Some(UNROUTABLE_EXCHANGE),
+        ),
+    ];
+    all.extend(
+        tasks_exchanges(settings)
+            .iter()
+            .map(|name| exchange(name, ExchangeKind::Topic, dead)),
+    );
+    all.extend([
+        exchange(RETRY_EXCHANGE, ExchangeKind::Headers, dead),
+        exchange(RESULTS_EXCHANGE, ExchangeKind::Fanout, dead),
+        exchange(BATCHES_EXCHANGE, ExchangeKind::Fanout, dead),
+        exchange(STATUS_EXCHANGE, ExchangeKind::Fanout, None),
+    ]);
+    all
+}
+
+/// Something [`declare`] changed in a topology that was already there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upgrade {
+    /// The exchange existed without its alternate exchange (declared by an earlier fleet) and
+    /// was deleted and declared again; fleet's own bindings to it are made again, anyone
+    /// else's must be.
+    Exchange {
+        /// Its name.
+        name: String,
+        /// Its alternate exchange now.
+        alternate: &'static str,
+    },
+}
+
+impl std::fmt::Display for Upgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exchange { name, alternate } => write!(
+                f,
+                "recreated exchange {name} with alternate exchange {alternate} \
+                 (fleet's bindings to it are made again; bind other queues to it again)"
+            ),
+        }
+    }
+}
+
+/// Whether `error` is the broker refusing a declaration because the exchange or queue exists
+/// with another value of argument `arg`.
+fn inequivalent(error: &lapin::Error, arg: &str) -> bool {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => {
+            matches!(
+                e.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            ) && e
+                .get_message()
+                .as_str()
+                .contains(&format!("inequivalent arg '{arg}'"))
+        }
+        _ => false,
+    }
+}
+
+/// Declares `exchange` on `channel`; one that exists without its alternate exchange is
+/// deleted and declared again (an exchange holds no messages), on a new channel of
+/// `connection` since the refusal closed this one.
+async fn declare_exchange(
+    connection: &Connection,
+    channel: &mut Channel,
+    exchange: &Exchange,
+) -> lapin::Result<Option<Upgrade>> {
+    let options = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    for name in tasks_exchanges(all) {
-        channel
-            .exchange_declare(
-                name.as_str().into(),
-                ExchangeKind::Topic,
-                exchange,
-                FieldTable::default(),
-            )
-            .await?;
+    let mut arguments = FieldTable::default();
+    if let Some(alternate) = exchange.alternate {
+        arguments.insert("alternate-exchange".into(), long(alternate));
     }
-    channel
+    let name = exchange.name.as_str();
+    let declared = channel
         .exchange_declare(
-            DEAD_EXCHANGE.into(),
-            ExchangeKind::Fanout,
-            exchange,
-            FieldTable::default(),
+            name.into(),
+            exchange.kind.clone(),
+            options,
+            arguments.clone(),
+        )
+        .await;
+    match (declared, exchange.alternate) {
+        (Ok(()), _) => Ok(None),
+        (Err(error), Some(alternate)) if inequivalent(&error, "alternate-exchange") => {
+            *channel = connection.create_channel().await?;
+            channel
+                .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+                .await?;
+            channel
+                .exchange_declare(name.into(), exchange.kind.clone(), options, arguments)
+                .await?;
+            Ok(Some(Upgrade::Exchange {
+                name: name.to_owned(),
+                alternate,
+            }))
+        }
+        (Err(error), _) => Err(error),
+    }
+}
+
+/// Declares every exchange, queue and binding, and says what it had to change in a topology
+/// an earlier fleet declared ([`Upgrade`]). Safe to call again with the same settings.
+///
+/// Declares a delay queue for every retry delay any kind uses ([`Settings::all_retry_delays`]).
+///
+/// Fails when the broker refuses (permissions, or a queue that exists with other arguments:
+/// a `PRECONDITION_FAILED` channel error).
+pub async fn declare(connection: &Connection, all: &Settings) -> lapin::Result<Vec<Upgrade>> {
+    let settings = &all.topology;
+    let mut channel = connection.create_channel().await?;
+    let mut upgrades = Vec::new();
+    for exchange in exchanges(all) {
+        upgrades.extend(declare_exchange(connection, &mut channel, &exchange).await?);
+    }
+    let channel = &channel;
+    channel
+        .queue_declare(
+            UNROUTABLE_QUEUE.into(),
+            durable(),
+            args([("x-queue-type", queue_type(settings.queue_type))]),
         )
         .await?;
     channel
-        .exchange_declare(
+        .queue_bind(
+            UNROUTABLE_QUEUE.into(),
+            UNROUTABLE_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    // A task handed back undelayed (a draining consumer's unstarted tasks) goes straight back
+    // to the work queue.
+    channel
+        .exchange_bind(
+            TASKS_EXCHANGE.into(),
             RETRY_EXCHANGE.into(),
-            ExchangeKind::Headers,
-            exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            STATUS_EXCHANGE.into(),
-            ExchangeKind::Fanout,
-            exchange,
-            FieldTable::default(),
+            "".into(),
+            ExchangeBindOptions::default(),
+            args([
+                ("x-match", long("all")),
+                (crate::envelope::HEADER_DELAY, long(NO_DELAY)),
+            ]),
         )
         .await?;
 
@@ -256,14 +406,6 @@ pub async fn declare(channel: &Channel, all: &Settings) -> lapin::Result<()> {
         .await?;
     for source in [RESULTS_EXCHANGE, BATCHES_EXCHANGE] {
         channel
-            .exchange_declare(
-                source.into(),
-                ExchangeKind::Fanout,
-                exchange,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
             .queue_bind(
                 RESULTS_QUEUE.into(),
                 source.into(),
@@ -273,7 +415,8 @@ pub async fn declare(channel: &Channel, all: &Settings) -> lapin::Result<()> {
             )
             .await?;
     }
-    Ok(())
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(upgrades)
 }
 
 /// Who declared the topology a service found.
@@ -291,13 +434,11 @@ pub enum Declared {
 /// Fails when declaring fails for another reason, or when something is missing and this user
 /// may not create it (the message says to run `fleet-producer setup` as an admin).
 pub async fn ensure(connection: &Connection, settings: &Settings) -> anyhow::Result<Declared> {
-    let channel = connection
-        .create_channel()
-        .await
-        .context("opening a channel")?;
-    match declare(&channel, settings).await {
-        Ok(()) => {
-            let _ = channel.close(200, "declared".into()).await;
+    match declare(connection, settings).await {
+        Ok(upgrades) => {
+            for upgrade in upgrades {
+                tracing::warn!(%upgrade, "upgraded the topology");
+            }
             Ok(Declared::Here)
         }
         Err(error) if access_refused(&error) => {
@@ -332,19 +473,14 @@ async fn check(channel: &Channel, settings: &Settings) -> lapin::Result<()> {
         passive: true,
         ..ExchangeDeclareOptions::default()
     };
-    let tasks = tasks_exchanges(settings);
-    let tasks = tasks
-        .iter()
-        .map(|name| (name.as_str(), ExchangeKind::Topic));
-    for (name, kind) in tasks.chain([
-        (DEAD_EXCHANGE, ExchangeKind::Fanout),
-        (RETRY_EXCHANGE, ExchangeKind::Headers),
-        (RESULTS_EXCHANGE, ExchangeKind::Fanout),
-        (BATCHES_EXCHANGE, ExchangeKind::Fanout),
-        (STATUS_EXCHANGE, ExchangeKind::Fanout),
-    ]) {
+    for exchange in exchanges(settings) {
         channel
-            .exchange_declare(name.into(), kind, passive_exchange, FieldTable::default())
+            .exchange_declare(
+                exchange.name.as_str().into(),
+                exchange.kind,
+                passive_exchange,
+                FieldTable::default(),
+            )
             .await?;
     }
     let passive_queue = QueueDeclareOptions {

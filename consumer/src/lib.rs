@@ -38,7 +38,8 @@ use tokio_util::task::TaskTracker;
 use worker::{Settle, Worker};
 
 /// Runs a consumer until `shutdown` is cancelled, then drains: no new deliveries, in-flight tasks
-/// finish within `consumer.grace_period_secs`, unstarted ones return to the queue.
+/// finish within `consumer.grace_period_secs`, unstarted ones are handed back to the work queue
+/// without spending their delivery budget ([`worker::Worker::give_back`]).
 ///
 /// A lost connection, a closed channel or the broker cancelling our consumer ends only the
 /// session: the consumer connects again with backoff, declares topology and subscribes again.
@@ -133,10 +134,7 @@ pub async fn run(
     };
     health.consuming(false);
     tracing::info!(in_flight = in_flight.len(), "draining");
-    // Stop new deliveries; those already prefetched are either run or returned by the worker.
-    for (subscription, _) in subscriptions.iter().flatten() {
-        subscription.cancel().await;
-    }
+    // Each lane has cancelled its subscription; what was prefetched is run or handed back.
     in_flight.close();
     let drained = tokio::time::timeout(settings.consumer_grace(), in_flight.wait())
         .await
@@ -311,6 +309,31 @@ impl Session<'_> {
             .spawn(async move { lost.run_until_cancelled(handled).await });
     }
 
+    /// Hands a delivery that arrived after shutdown back to the work queue, unstarted.
+    fn hand_back(&self, delivery: lapin::message::Delivery) {
+        self.channel.acks.received(delivery.delivery_tag);
+        let (worker, channel) = (Arc::clone(self.worker), Arc::clone(self.channel));
+        let lost = self.lost.clone();
+        self.in_flight.spawn(async move {
+            lost.run_until_cancelled(worker.give_back(&delivery, &channel))
+                .await
+        });
+    }
+
+    /// Stops taking deliveries: cancels the subscription and hands back what the broker had
+    /// already sent it (up to the prefetch), so that a clean stop spends no delivery's budget.
+    async fn stop_taking(&self, subscription: &mut amqp::Subscription) {
+        subscription.cancel().await;
+        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            subscription.deliveries.next(),
+        )
+        .await
+        {
+            self.hand_back(delivery);
+        }
+    }
+
     /// Ends the slow start: a second consumer with the full prefetch replaces the first, whose
     /// deliveries already received are still handled (and acked on the same channel).
     async fn widen(
@@ -374,7 +397,10 @@ impl Session<'_> {
             }
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return None,
+                () = shutdown.cancelled() => {
+                    self.stop_taking(subscription).await;
+                    return None;
+                }
                 next = subscription.deliveries.next() => match next {
                     Some(Ok(delivery)) => self.start(delivery),
                     Some(Err(error)) => return Some(anyhow::Error::new(error).context("the delivery stream failed")),

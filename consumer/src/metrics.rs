@@ -10,6 +10,8 @@
 //!   settling).
 //! - `fleet_worker_slots{work}` and `fleet_worker_slots_busy{work}`: compute and I/O slots, and
 //!   how many are taken.
+//! - `fleet_tasks_handed_back_total`: unstarted deliveries a draining consumer sent back to the
+//!   work queue (`Worker::give_back`), whatever their kind.
 //! - `fleet_result_messages_total`: messages sent to `fleet.results`; below the results sent
 //!   (ok and failed tasks) when `consumer.results_per_message` groups them.
 //!
@@ -99,6 +101,7 @@ pub struct Metrics {
     busy_compute: Gauge,
     busy_io: Gauge,
     result_messages: Counter,
+    handed_back: Counter,
 }
 
 impl Metrics {
@@ -139,6 +142,12 @@ impl Metrics {
             registry,
             "fleet_result_messages",
             "Messages sent to fleet.results (a group of results counts once)",
+            Counter::default(),
+        );
+        let handed_back = register(
+            registry,
+            "fleet_tasks_handed_back",
+            "Unstarted deliveries a draining consumer sent back to the work queue",
             Counter::default(),
         );
         let slots: Family<WorkLabel, Gauge> = register(
@@ -192,6 +201,7 @@ impl Metrics {
             busy_compute,
             busy_io,
             result_messages,
+            handed_back,
         }
     }
 
@@ -227,6 +237,11 @@ impl Metrics {
     /// A message of results (one or a group) is sent to `fleet.results`.
     pub fn result_message(&self) {
         self.result_messages.inc();
+    }
+
+    /// A draining consumer sent an unstarted delivery back to the work queue.
+    pub fn handed_back(&self) {
+        self.handed_back.inc();
     }
 
     /// Counts a delivery in `fleet_tasks_in_flight` until the returned guard drops.

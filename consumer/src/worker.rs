@@ -67,7 +67,7 @@ pub struct Settle {
 enum Settled {
     /// Its result, retry or dead letter is confirmed: ack it.
     Confirmed,
-    /// Draining before it started: it goes back to the queue.
+    /// Draining before it started: it is handed back ([`Worker::give_back`]).
     Unstarted,
 }
 
@@ -165,15 +165,7 @@ impl Worker {
                 channel.acks.ack(tag);
                 self.settled.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(Settled::Unstarted) => {
-                // Draining: a task that has not started goes back to the queue untouched.
-                if let Err(error) = requeue(&delivery).await {
-                    tracing::debug!(%error, "could not return an unstarted task; the broker will");
-                } else {
-                    self.settled.fetch_add(1, Ordering::Relaxed);
-                }
-                channel.acks.returned(tag);
-            }
+            Ok(Settled::Unstarted) => self.give_back(&delivery, &channel).await,
             Err(error) => {
                 if let SettleError::Publish(publish) = &error
                     && let Some(refusal) = publish.permission()
@@ -380,6 +372,45 @@ impl Worker {
                 Ok(Settled::Confirmed)
             }
         }
+    }
+
+    /// Gives back a delivery this consumer will not run (it is draining) without spending its
+    /// delivery budget: a copy goes back to the work queue through `fleet.retry` undelayed
+    /// ([`topology::NO_DELAY`]) and, once confirmed, the delivery is acked.
+    ///
+    /// A requeue would be simpler, but a quorum queue counts every message handed back to it
+    /// toward its `x-delivery-limit`: a few clean restarts over a backlog would dead-letter
+    /// tasks that never ran. The copy keeps the task's attempts and starts a fresh delivery
+    /// count, so only real failures (a crash, a kill, a lost connection) count. If the copy is
+    /// not confirmed, the delivery is requeued after all.
+    pub async fn give_back(&self, delivery: &Delivery, channel: &Settle) {
+        let tag = delivery.delivery_tag;
+        let who = published_by(delivery, self.own_user.as_deref());
+        let mut headers = vec![(envelope::HEADER_DELAY, header_str(topology::NO_DELAY))];
+        if let Some(who) = &who {
+            headers.push((envelope::HEADER_PUBLISHED_BY, header_str(who)));
+        }
+        let copy = Outgoing::forward(
+            topology::RETRY_EXCHANGE,
+            delivery.routing_key.as_str(),
+            delivery.data.clone(),
+            &delivery.properties,
+            headers,
+        );
+        match channel.publisher.publish(copy).await {
+            Ok(()) => {
+                channel.acks.ack(tag);
+                self.metrics.handed_back();
+            }
+            Err(error) => {
+                tracing::warn!(message_id = ?delivery.properties.message_id(), %error, "could not hand back an unstarted task; returning it to the queue");
+                if let Err(error) = requeue(delivery).await {
+                    tracing::debug!(%error, "could not return an unstarted task; the broker will");
+                }
+                channel.acks.returned(tag);
+            }
+        }
+        self.settled.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The consumer's metrics.

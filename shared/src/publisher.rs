@@ -219,7 +219,8 @@ impl Outgoing {
     ///
     /// The copy drops the AMQP `user_id` (the broker would refuse it from another user; the
     /// forwarding publisher sets its own) and any `x-fleet-published-by` header, which only the
-    /// forwarder may vouch for: pass it in `extra`.
+    /// forwarder may vouch for: pass it in `extra`. It drops the broker's `x-delivery-count`
+    /// too.
     pub fn forward(
         exchange: &str,
         routing_key: &str,
@@ -233,6 +234,8 @@ impl Outgoing {
             .map(|h| h.inner().clone())
             .unwrap_or_default();
         kept.remove(envelope::HEADER_PUBLISHED_BY);
+        // The broker's count of the received message's deliveries; the copy is a new message.
+        kept.remove("x-delivery-count");
         let mut headers = FieldTable::from(kept);
         for (k, v) in extra {
             headers.insert(ShortString::from(k), v);

@@ -6,6 +6,8 @@
 //! ```text
 //! fleet.tasks (topic) --#--> fleet.tasks.default --(reject / delivery limit)--> fleet.dead (fanout) -> fleet.dead
 //! fleet.retry (headers, fleet-delay-ms=<ms>) -> fleet.retry.<ms>ms --(TTL expires)--> fleet.tasks, same routing key
+//! fleet.retry (headers, fleet-delay-ms=0) --> fleet.tasks (a draining consumer's unstarted tasks)
+//! unroutable at fleet.tasks, fleet.retry, fleet.results, fleet.batches --> fleet.dead --(unroutable)--> fleet.unroutable
 //! fleet.results (fanout, results from consumers) ---\
 //!                                                     >--> fleet.results  (single active consumer: the collector)
 //! fleet.batches (fanout, manifests from producers) ---/

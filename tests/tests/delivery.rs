@@ -268,3 +268,56 @@ async fn setup_gives_an_earlier_fleets_exchanges_their_alternate_and_keeps_every
     consumer.stop().await.expect("consumer drains cleanly");
     collector.stop().await.expect("collector drains cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_clean_restarts_over_a_backlog_dead_letter_nothing() {
+    use fleet_tests::process::Process;
+    let vhost = Vhost::new();
+    // Two I/O slots and a deep prefetch: at each stop about a hundred prefetched tasks have not
+    // started. The work queue's delivery limit is the default 5.
+    let env = vhost.env(&[
+        ("FLEET_CONSUMER__WORKERS", "2"),
+        ("FLEET_CONSUMER__IO_CONCURRENCY", "2"),
+        ("FLEET_CONSUMER__PREFETCH_PER_WORKER", "50"),
+    ]);
+    let settings = fleet_tests::settings_of(&env);
+    let collector = Service::collector(&settings);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let (connection, publisher) = submit::connect_publisher(&settings, "test")
+        .await
+        .expect("publisher");
+    let backlog = submit::publish_batch(
+        &publisher,
+        "sleep",
+        (0..1500).map(|_| json!({ "ms": 50 })).collect(),
+    )
+    .await
+    .expect("published");
+    let _ = connection.close(200, "done".into()).await;
+
+    for restart in 0..20 {
+        let consumer = Process::spawn("fleet-consumer", &[], &env);
+        eventually(
+            "the consumer to hold a full prefetch",
+            Duration::from_secs(30),
+            || async { (fleet_tests::unacked(&vhost.name) >= 60).then_some(()) },
+        )
+        .await;
+        let status = consumer.terminate(Duration::from_secs(30));
+        assert!(status.success(), "restart {restart}: {status:?}");
+        assert_eq!(
+            ready(&settings, topology::DEAD_QUEUE).await,
+            0,
+            "restart {restart} dead-lettered a task that never ran"
+        );
+    }
+
+    // One consumer with room to finish the backlog.
+    let env = vhost.env(&[("FLEET_CONSUMER__IO_CONCURRENCY", "200")]);
+    let consumer = Process::spawn("fleet-consumer", &[], &env);
+    let status = complete(&client, &backlog.batch, Duration::from_secs(120)).await;
+    assert_eq!((status.ok, status.failed), (1500, 0));
+    assert_eq!(ready(&settings, topology::DEAD_QUEUE).await, 0);
+    assert!(consumer.terminate(Duration::from_secs(30)).success());
+    collector.stop().await.expect("collector drains cleanly");
+}

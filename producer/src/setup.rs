@@ -13,7 +13,7 @@ use fleet_shared::{amqp, topology};
 /// not configure, or a queue exists with other arguments).
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let connection = amqp::connect(&settings, "fleet-producer-setup").await?;
-    let upgrades = topology::declare(&connection, &settings)
+    let upgrades = topology::declare(&connection, &settings, topology::Migrate::WhenEmpty)
         .await
         .context("declaring the topology (this needs a user that may configure fleet's names)")?;
     let _ = connection.close(200, "set up".into()).await;

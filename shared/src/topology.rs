@@ -22,7 +22,7 @@ use crate::settings::{QueueType, Settings};
 use anyhow::Context as _;
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -197,11 +197,167 @@ pub enum Upgrade {
         /// Its alternate exchange now.
         alternate: &'static str,
     },
+    /// The queue existed with the arguments of an earlier release, empty and unused, and was
+    /// deleted and declared again with this release's (and bound again).
+    Queue {
+        /// Its name.
+        name: String,
+    },
+    /// The queue exists with the arguments of an earlier release but holds messages or has
+    /// consumers (or only `setup` may recreate it), so it was left as it is.
+    QueuePending {
+        /// Its name.
+        name: String,
+        /// Messages ready in it.
+        messages: u32,
+        /// Its consumers.
+        consumers: u32,
+    },
+}
+
+/// Whether [`declare`] may recreate a queue that has the arguments of an earlier release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrate {
+    /// Yes, when it is empty and unused (`fleet-producer setup`).
+    WhenEmpty,
+    /// No, only say so (the services, which may be many and start at once).
+    Never,
+}
+
+/// The dead-letter behaviour of every fleet quorum queue that dead-letters: a message past its
+/// limit (or TTL) is moved to its target only once the target confirmed it, and kept until
+/// then. Quorum queues dead-letter at-most-once unless told otherwise, dropping what the target
+/// cannot take; at-least-once needs `reject-publish` overflow.
+fn at_least_once(arguments: &mut FieldTable) {
+    arguments.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+    arguments.insert("x-overflow".into(), long("reject-publish"));
+}
+
+/// How often a result may be handed back to `fleet.results` before it is dead-lettered.
+pub const RESULTS_DELIVERY_LIMIT: i32 = 1000;
+
+/// Arguments a release added to fleet's queues: an existing queue that lacks one was declared
+/// by an earlier release and can be recreated ([`Upgrade::Queue`]).
+const ADDED_QUEUE_ARGUMENTS: [&str; 4] = [
+    "x-dead-letter-strategy",
+    "x-overflow",
+    "x-dead-letter-exchange",
+    "x-delivery-limit",
+];
+
+/// One queue of the topology and the exchanges (with routing keys) it is bound to.
+struct Queue {
+    name: String,
+    arguments: FieldTable,
+    bindings: Vec<(String, &'static str)>,
+}
+
+/// Messages ready in `queue`, and its consumers.
+async fn usage(channel: &Channel, queue: &str) -> lapin::Result<(u32, u32)> {
+    let found = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((found.message_count(), found.consumer_count()))
+}
+
+/// Declares `queue` and its bindings on `channel`. One that exists with the arguments of an
+/// earlier release is recreated when `migrate` allows and it is empty and unused, else left
+/// as it is and reported; the refusal closed `channel`, so the rest goes on a new one.
+async fn declare_queue(
+    connection: &Connection,
+    channel: &mut Channel,
+    queue: &Queue,
+    migrate: Migrate,
+) -> lapin::Result<Option<Upgrade>> {
+    let name = queue.name.as_str();
+    let declared = channel
+        .queue_declare(name.into(), durable(), queue.arguments.clone())
+        .await;
+    let upgrade = match declared {
+        Ok(_) => None,
+        Err(error)
+            if ADDED_QUEUE_ARGUMENTS
+                .iter()
+                .any(|arg| inequivalent(&error, arg)) =>
+        {
+            *channel = connection.create_channel().await?;
+            let (mut messages, mut consumers) = usage(channel, name).await?;
+            if migrate == Migrate::WhenEmpty && messages == 0 && consumers == 0 {
+                // Quorum queues cannot be deleted `if-empty`: unbind it first so that nothing
+                // new reaches it (a publish meanwhile goes to the alternate exchange), and
+                // look again.
+                for (exchange, routing_key) in &queue.bindings {
+                    channel
+                        .queue_unbind(
+                            name.into(),
+                            exchange.as_str().into(),
+                            (*routing_key).into(),
+                            FieldTable::default(),
+                        )
+                        .await?;
+                }
+                (messages, consumers) = usage(channel, name).await?;
+            }
+            if migrate == Migrate::WhenEmpty && messages == 0 && consumers == 0 {
+                channel
+                    .queue_delete(name.into(), QueueDeleteOptions::default())
+                    .await?;
+                channel
+                    .queue_declare(name.into(), durable(), queue.arguments.clone())
+                    .await?;
+                Some(Upgrade::Queue {
+                    name: name.to_owned(),
+                })
+            } else {
+                Some(Upgrade::QueuePending {
+                    name: name.to_owned(),
+                    messages,
+                    consumers,
+                })
+            }
+        }
+        Err(error) => return Err(error),
+    };
+    for (exchange, routing_key) in &queue.bindings {
+        channel
+            .queue_bind(
+                name.into(),
+                exchange.as_str().into(),
+                (*routing_key).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(upgrade)
 }
 
 impl std::fmt::Display for Upgrade {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::Queue { name } => write!(
+                f,
+                "recreated queue {name} (it was empty and unused) with the arguments of this \
+                 release: it dead-letters at-least-once"
+            ),
+            Self::QueuePending {
+                name,
+                messages,
+                consumers,
+            } => write!(
+                f,
+                "queue {name} still has the arguments of an earlier release and dead-letters \
+                 at-most-once; it holds {messages} messages and {consumers} consumers, so it \
+                 was left alone: let it drain, stop its consumers and run `fleet-producer \
+                 setup` again, or apply the policy of docs/DELIVERY.md"
+            ),
             Self::Exchange { name, alternate } => write!(
                 f,
                 "recreated exchange {name} with alternate exchange {alternate} \
@@ -273,20 +429,24 @@ async fn declare_exchange(
 }
 
 /// Declares every exchange, queue and binding, and says what it had to change in a topology
-/// an earlier fleet declared ([`Upgrade`]). Safe to call again with the same settings.
+/// an earlier fleet declared, or could not change yet ([`Upgrade`]). Safe to call again with the
+/// same settings.
 ///
 /// Declares a delay queue for every retry delay any kind uses ([`Settings::all_retry_delays`]).
 ///
 /// Fails when the broker refuses (permissions, or a queue that exists with other arguments:
 /// a `PRECONDITION_FAILED` channel error).
-pub async fn declare(connection: &Connection, all: &Settings) -> lapin::Result<Vec<Upgrade>> {
+pub async fn declare(
+    connection: &Connection,
+    all: &Settings,
+    migrate: Migrate,
+) -> lapin::Result<Vec<Upgrade>> {
     let settings = &all.topology;
     let mut channel = connection.create_channel().await?;
     let mut upgrades = Vec::new();
     for exchange in exchanges(all) {
         upgrades.extend(declare_exchange(connection, &mut channel, &exchange).await?);
     }
-    let channel = &channel;
     channel
         .queue_declare(
             UNROUTABLE_QUEUE.into(),
@@ -345,21 +505,15 @@ pub async fn declare(connection: &Connection, all: &Settings) -> lapin::Result<V
             "x-delivery-limit".into(),
             AMQPValue::LongInt(i32::try_from(settings.delivery_limit).unwrap_or(i32::MAX)),
         );
+        at_least_once(&mut work);
     }
     for shard in 0..settings.work_queues {
-        let queue = work_queue(shard);
-        channel
-            .queue_declare(queue.as_str().into(), durable(), work.clone())
-            .await?;
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                tasks_exchange(shard).as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let queue = Queue {
+            name: work_queue(shard),
+            arguments: work.clone(),
+            bindings: vec![(tasks_exchange(shard), "#")],
+        };
+        upgrades.extend(declare_queue(connection, &mut channel, &queue, migrate).await?);
     }
 
     for delay in all.all_retry_delays() {
@@ -375,9 +529,7 @@ pub async fn declare(connection: &Connection, all: &Settings) -> lapin::Result<V
             ("x-dead-letter-exchange", long(TASKS_EXCHANGE)),
         ]);
         if settings.queue_type == QueueType::Quorum {
-            // Quorum queues dead-letter at-most-once unless told otherwise.
-            delay_args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
-            delay_args.insert("x-overflow".into(), long("reject-publish"));
+            at_least_once(&mut delay_args);
         }
         channel
             .queue_declare(name.as_str().into(), durable(), delay_args)
@@ -396,27 +548,29 @@ pub async fn declare(connection: &Connection, all: &Settings) -> lapin::Result<V
             .await?;
     }
 
-    channel
-        .queue_declare(
-            RESULTS_QUEUE.into(),
-            durable(),
-            args([
-                ("x-queue-type", qtype),
-                ("x-single-active-consumer", AMQPValue::Boolean(true)),
-            ]),
-        )
-        .await?;
-    for source in [RESULTS_EXCHANGE, BATCHES_EXCHANGE] {
-        channel
-            .queue_bind(
-                RESULTS_QUEUE.into(),
-                source.into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+    let mut results = args([
+        ("x-queue-type", qtype),
+        ("x-single-active-consumer", AMQPValue::Boolean(true)),
+    ]);
+    if settings.queue_type == QueueType::Quorum {
+        // A result handed back often enough (collector restarts) goes to fleet.dead, not away:
+        // RabbitMQ 4.x would drop it at its default delivery limit of 20 with no target set.
+        results.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(RESULTS_DELIVERY_LIMIT),
+        );
+        results.insert("x-dead-letter-exchange".into(), long(DEAD_EXCHANGE));
+        at_least_once(&mut results);
     }
+    let queue = Queue {
+        name: RESULTS_QUEUE.to_owned(),
+        arguments: results,
+        bindings: vec![
+            (RESULTS_EXCHANGE.to_owned(), ""),
+            (BATCHES_EXCHANGE.to_owned(), ""),
+        ],
+    };
+    upgrades.extend(declare_queue(connection, &mut channel, &queue, migrate).await?);
     let _ = channel.close(200, "declared".into()).await;
     Ok(upgrades)
 }
@@ -436,7 +590,7 @@ pub enum Declared {
 /// Fails when declaring fails for another reason, or when something is missing and this user
 /// may not create it (the message says to run `fleet-producer setup` as an admin).
 pub async fn ensure(connection: &Connection, settings: &Settings) -> anyhow::Result<Declared> {
-    match declare(connection, settings).await {
+    match declare(connection, settings, Migrate::Never).await {
         Ok(upgrades) => {
             for upgrade in upgrades {
                 tracing::warn!(%upgrade, "upgraded the topology");

@@ -240,6 +240,15 @@ async fn setup_gives_an_earlier_fleets_exchanges_their_alternate_and_keeps_every
         );
     }
     assert!(!said.contains("recreated exchange fleet.status"), "{said}");
+    // The queues hold a task and a manifest: they keep their old arguments for now.
+    for name in [topology::WORK_QUEUE, topology::RESULTS_QUEUE] {
+        assert!(
+            said.contains(&format!(
+                "queue {name} still has the arguments of an earlier release"
+            )),
+            "{said}"
+        );
+    }
     assert_eq!(
         ready(&settings, topology::WORK_QUEUE).await,
         1,
@@ -267,6 +276,74 @@ async fn setup_gives_an_earlier_fleets_exchanges_their_alternate_and_keeps_every
     assert_eq!(status.ok, 10);
     consumer.stop().await.expect("consumer drains cleanly");
     collector.stop().await.expect("collector drains cleanly");
+
+    // Drained and unused, both queues are recreated with this release's arguments.
+    eventually("the consumers gone", Duration::from_secs(30), || async {
+        (consumers(&vhost.name) == 0).then_some(())
+    })
+    .await;
+    let said = setup(&env);
+    for name in [topology::WORK_QUEUE, topology::RESULTS_QUEUE] {
+        assert!(said.contains(&format!("recreated queue {name}")), "{said}");
+    }
+    let arguments = queue_arguments(&vhost.name);
+    for (name, wanted) in [
+        (topology::WORK_QUEUE, "at-least-once"),
+        (topology::RESULTS_QUEUE, "at-least-once"),
+        (topology::RESULTS_QUEUE, "fleet.dead"),
+    ] {
+        let found = arguments.get(name).map_or("", String::as_str);
+        assert!(found.contains(wanted), "{name}: {found}");
+    }
+    let last_said = setup(&env);
+    assert!(
+        !last_said.contains("recreated") && !last_said.contains("still has"),
+        "nothing left to change: {last_said}"
+    );
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let last = publish(&settings, "square", vec![json!({ "n": 3 })]).await;
+    assert_eq!(
+        complete(&client, &last.batch, Duration::from_secs(30))
+            .await
+            .ok,
+        1
+    );
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+/// `rabbitmqctl list_queues` of `vhost` with `columns`, one tab-separated line a queue.
+fn list_queues(vhost: &str, columns: &[&str]) -> String {
+    let mut argv = vec!["list_queues", "-p", vhost, "-q", "--no-table-headers"];
+    argv.extend_from_slice(columns);
+    rabbitmqctl(&argv)
+}
+
+/// Consumers of every queue in `vhost`.
+fn consumers(vhost: &str) -> u64 {
+    list_queues(vhost, &["consumers"])
+        .lines()
+        .filter_map(|line| line.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Each queue of `vhost` and its arguments as `rabbitmqctl` prints them.
+fn queue_arguments(vhost: &str) -> std::collections::HashMap<String, String> {
+    list_queues(vhost, &["name", "arguments"])
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .map(|(name, arguments)| (name.to_owned(), arguments.to_owned()))
+        .collect()
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("running rabbitmqctl");
+    assert!(output.status.success(), "rabbitmqctl {args:?}");
+    String::from_utf8(output.stdout).expect("utf-8")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -320,4 +397,107 @@ async fn twenty_clean_restarts_over_a_backlog_dead_letter_nothing() {
     assert_eq!(ready(&settings, topology::DEAD_QUEUE).await, 0);
     assert!(consumer.terminate(Duration::from_secs(30)).success());
     collector.stop().await.expect("collector drains cleanly");
+}
+
+/// Hands every task in the work queue back, as a consumer crashing on them would, until none
+/// is left to take; returns how many deliveries that was.
+async fn hand_back_until_none(settings: &Settings) -> usize {
+    let connection = fleet_shared::amqp::connect(settings, "test-crasher")
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let (mut returns, mut idle) = (0, 0);
+    while idle < 20 {
+        let got = channel
+            .basic_get(
+                topology::WORK_QUEUE.into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await
+            .expect("get");
+        if let Some(message) = got {
+            idle = 0;
+            returns += 1;
+            message
+                .delivery
+                .nack(lapin::options::BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .expect("nack");
+        } else {
+            idle += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    returns
+}
+
+/// Declares the topology (a service starting would).
+async fn declare(settings: &Settings) {
+    let (connection, _) = submit::connect_publisher(settings, "test")
+        .await
+        .expect("the topology");
+    let _ = connection.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_past_its_delivery_limit_is_kept_until_fleet_dead_can_take_it() {
+    // A broker of the test's own, whose dead-letter worker tries again after 2 s (3 min by
+    // default) once a dead letter found no route.
+    let node = fleet_tests::node::Node::start_with_erl_args(
+        "-rabbit dead_letter_worker_publisher_confirm_timeout 2000",
+    );
+    let dir = std::env::temp_dir().join(format!("fleet-dlx-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let env = fleet_tests::fleet_env(&node.url(), &dir, &[]);
+    let settings = fleet_tests::settings_of(&env);
+    declare(&settings).await;
+
+    // Without fleet.dead, a task past the work queue's delivery limit (5) lands in the last
+    // resort, fleet.unroutable (fleet.dead's alternate exchange).
+    delete_queue(&settings, topology::DEAD_QUEUE).await;
+    publish(
+        &settings,
+        "square",
+        (0..4).map(|n| json!({ "n": n })).collect(),
+    )
+    .await;
+    assert!(hand_back_until_none(&settings).await >= 4 * 6);
+    eventually(
+        "four in fleet.unroutable",
+        Duration::from_secs(30),
+        || async { (ready(&settings, topology::UNROUTABLE_QUEUE).await == 4).then_some(()) },
+    )
+    .await;
+
+    // Without that either, the work queue keeps them (at-least-once dead-lettering) until
+    // fleet.dead is back, and then delivers them there.
+    delete_queue(&settings, topology::UNROUTABLE_QUEUE).await;
+    let receipt = publish(
+        &settings,
+        "square",
+        (0..4).map(|n| json!({ "n": n })).collect(),
+    )
+    .await;
+    assert!(hand_back_until_none(&settings).await >= 4 * 6);
+    assert_eq!(ready(&settings, topology::WORK_QUEUE).await, 0);
+    declare(&settings).await;
+    eventually("four dead letters", Duration::from_secs(60), || async {
+        (ready(&settings, topology::DEAD_QUEUE).await == 4).then_some(())
+    })
+    .await;
+    let dead = dlq::list(&settings).await.expect("dlq list");
+    let ids: HashSet<&str> = dead.iter().filter_map(|l| l.id.as_deref()).collect();
+    let sent: HashSet<&str> = receipt.task_ids.iter().map(String::as_str).collect();
+    assert_eq!(ids, sent);
+    for letter in &dead {
+        assert_eq!(
+            letter.reason, "delivery_limit (broker, queue fleet.tasks.default)",
+            "{letter:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -507,10 +507,15 @@ async fn status_shows_ready_unacked_and_consumers_of_every_queue_over_amqp() {
     assert_eq!((results.consumers, results.unacked), (1, Some(0)));
     let dead = queue(&status, topology::DEAD_QUEUE);
     assert_eq!((dead.ready, dead.unacked, dead.consumers), (0, Some(0), 0));
+    let unroutable = queue(&status, topology::UNROUTABLE_QUEUE);
+    assert_eq!(
+        (unroutable.ready, unroutable.unacked, unroutable.consumers),
+        (0, Some(0), 0)
+    );
     assert_eq!(
         status.queues.len(),
-        3 + settings.all_retry_delays().len(),
-        "work, dead, results and every delay queue: {status:?}"
+        4 + settings.all_retry_delays().len(),
+        "work, dead, results, unroutable and every delay queue: {status:?}"
     );
     let mut services: Vec<(&str, u16)> = status
         .services

@@ -362,11 +362,13 @@ impl Worker {
                     .as_ref()
                     .map_or_else(String::new, |e| format!("{}: {}", e.kind, e.message));
                 tracing::warn!(task_id = %task.id, kind = %task.kind, attempts = attempt.saturating_add(1), reason = %printable(&reason), "task failed");
+                // The dead letter first: if it is refused, nothing is stored and the task runs
+                // again, so the stored outcome is the last run's (docs/DELIVERY.md, "A failure").
+                dead_letter(publisher, delivery, &reason, attempt.saturating_add(1), who).await?;
                 channel
                     .results
                     .publish(result(Status::Failed, None, error))
                     .await?;
-                dead_letter(publisher, delivery, &reason, attempt.saturating_add(1), who).await?;
                 self.metrics.ended(kind, TaskOutcome::Failed);
                 self.metrics.dead_lettered(kind);
                 Ok(Settled::Confirmed)

@@ -1,6 +1,8 @@
 //! At-least-once without holes: what happens to a task when the topology cannot route it, when
 //! its consumer drains, and when its dead-lettering cannot go through at once.
 
+use fleet_consumer::registry::Registry;
+use fleet_consumer::registry::{HandlerError, Work};
 use fleet_producer::client::CollectorClient;
 use fleet_producer::dlq;
 use fleet_producer::submit::{self, Receipt};
@@ -10,6 +12,8 @@ use fleet_shared::topology;
 use fleet_tests::{Service, Vhost, complete, eventually, ready};
 use serde_json::{Value, json};
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 /// Publishes a batch without declaring the topology (which would undo what a test broke).
@@ -500,4 +504,130 @@ async fn a_task_past_its_delivery_limit_is_kept_until_fleet_dead_can_take_it() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Makes `queue` of `vhost` refuse publishes (a negative confirm) once it holds a message, as a
+/// full or broken queue would: a quorum queue refuses a publish while it is over its limit.
+fn refuse_publishes(vhost: &Vhost, queue: &str) {
+    fleet_tests::ctl(&[
+        "set_policy",
+        "-p",
+        &vhost.name,
+        "refuse",
+        &format!("^{}$", queue.replace('.', "\\.")),
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+        "--apply-to",
+        "queues",
+    ]);
+}
+
+/// Built-in kinds and `flaky`, which fails at its first run and succeeds at every later one once
+/// `release` is set; and the count of its runs so far.
+fn flaky(settings: &Settings, release: Arc<AtomicBool>) -> (Registry, Arc<AtomicU32>) {
+    let runs = Arc::new(AtomicU32::new(0));
+    let mut registry = fleet_consumer::handlers::registry(settings).expect("built-ins");
+    let counted = runs.clone();
+    registry
+        .register("flaky", Work::Io, move |_: Value, _| {
+            let run = counted.fetch_add(1, Ordering::SeqCst);
+            let release = release.clone();
+            async move {
+                if run == 0 {
+                    return Err(HandlerError::permanent("first", "the first run fails"));
+                }
+                while !release.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(json!("a later run"))
+            }
+        })
+        .expect("new kind");
+    (registry, runs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failure_whose_dead_letter_is_refused_is_not_stored_and_its_next_run_is() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    refuse_publishes(&vhost, topology::DEAD_QUEUE);
+    let (registry, runs) = flaky(&settings, Arc::new(AtomicBool::new(true)));
+    let collector = Service::collector(&settings);
+    let consumer = Service::consumer(&settings, registry);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    warm_up(&settings, &client).await;
+    // The first letter fills fleet.dead.
+    publish(&settings, "nobody", vec![json!(null)]).await;
+    eventually("the first dead letter", Duration::from_secs(30), || async {
+        (ready(&settings, topology::DEAD_QUEUE).await == 1).then_some(())
+    })
+    .await;
+    let sent = publish(&settings, "flaky", vec![json!(null)]).await;
+
+    let status = complete(&client, &sent.batch, Duration::from_secs(30)).await;
+    assert_eq!(
+        (status.ok, status.failed, status.duplicates),
+        (1, 0, 0),
+        "the failure that could not be dead-lettered is not the stored outcome"
+    );
+    let stored = client
+        .task(&sent.task_ids[0])
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(stored.output, Some(json!("a later run")));
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+    assert_eq!(
+        ready(&settings, topology::DEAD_QUEUE).await,
+        1,
+        "only the first letter"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failure_whose_result_is_refused_runs_again_and_its_next_run_is_stored() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[]);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    warm_up(&settings, &client).await;
+    collector.stop().await.expect("collector drains cleanly");
+    consumer.stop().await.expect("consumer drains cleanly");
+    // With no collector, the batch's manifest fills fleet.results.
+    let sent = publish(&settings, "flaky", vec![json!(null)]).await;
+    assert_eq!(ready(&settings, topology::RESULTS_QUEUE).await, 1);
+    refuse_publishes(&vhost, topology::RESULTS_QUEUE);
+    let release = Arc::new(AtomicBool::new(false));
+    let (registry, runs) = flaky(&settings, release.clone());
+    let consumer = Service::consumer(&settings, registry);
+    // The first run failed, its dead letter went through, its result was refused: it runs again.
+    eventually("a second run", Duration::from_secs(30), || async {
+        (runs.load(Ordering::SeqCst) == 2).then_some(())
+    })
+    .await;
+    assert_eq!(ready(&settings, topology::DEAD_QUEUE).await, 1);
+    // The queue takes publishes again once a collector has read it below its limit.
+    let collector = Service::collector(&settings);
+    eventually("fleet.results read", Duration::from_secs(30), || async {
+        (ready(&settings, topology::RESULTS_QUEUE).await == 0).then_some(())
+    })
+    .await;
+    fleet_tests::ctl(&["clear_policy", "-p", &vhost.name, "refuse"]);
+    release.store(true, Ordering::SeqCst);
+    let status = complete(&client, &sent.batch, Duration::from_secs(30)).await;
+    assert_eq!(
+        (status.ok, status.failed, status.duplicates),
+        (1, 0, 0),
+        "the run after the refused result is the stored outcome"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+    // The first run's letter stays: a replay of it would be counted as a duplicate.
+    let dead = dlq::list(&settings).await.expect("dlq list");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].id.as_deref(), Some(sent.task_ids[0].as_str()));
+    assert_eq!(dead[0].reason, "first: the first run fails");
 }

@@ -86,6 +86,8 @@ struct App {
     user: Option<String>,
     metrics: Metrics,
     confirm_seconds: Histogram,
+    confirm_timeouts: Counter,
+    confirm_timeout: Duration,
     health: Arc<Health>,
 }
 
@@ -221,6 +223,8 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         user: settings.broker_user(),
         metrics,
         confirm_seconds: common.confirm_seconds.clone(),
+        confirm_timeouts: common.confirm_timeouts.clone(),
+        confirm_timeout: settings.confirm_timeout(),
         health: Arc::clone(&health),
     };
     // Readiness follows the broker even when no request comes: a pooled connection is checked
@@ -342,10 +346,21 @@ impl App {
             })?
             .identified_as(self.user.clone())
             .sharded(self.shards)
-            .timed(self.confirm_seconds.clone());
+            .confirm_timeout(self.confirm_timeout)
+            .timed(self.confirm_seconds.clone(), self.confirm_timeouts.clone());
         let channel = publisher.channel().clone();
+        let stalled = publisher.clone();
         let outcome = publish(publisher).await;
-        let _ = channel.close(200, "done".into()).await;
+        if stalled.stalled() {
+            // A connection whose broker stopped confirming goes, so the pool makes a new one.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                connection.close(200, "no confirm in time".into()),
+            )
+            .await;
+        } else {
+            let _ = channel.close(200, "done".into()).await;
+        }
         // A refusal is this user's permissions, not a passing fault: not ready until a publish
         // goes through again (permissions can change while it runs).
         self.health

@@ -150,7 +150,12 @@ pub async fn publish_reliably(
                         Err(unconfirmed) => break Err(unconfirmed),
                     }
                 };
-                let _ = connection.close(200, "published".into()).await;
+                // A broker that stopped confirming may not answer a close either.
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    connection.close(200, "published".into()),
+                )
+                .await;
                 match outcome {
                     Ok(()) => return Ok(()),
                     Err(unconfirmed) if unconfirmed.is_connection_loss() => {
@@ -195,6 +200,7 @@ pub async fn connect_publisher(
         .await
         .context("opening a publish channel")?
         .identified_as(settings.broker_user())
+        .confirm_timeout(settings.confirm_timeout())
         .sharded(settings.topology.work_queues);
     topology::ensure(&connection, settings).await?;
     Ok((connection, publisher))

@@ -134,6 +134,7 @@ impl Subscription {
             self.connection.status(),
             self.channel.status(),
             self.publisher.channel().status(),
+            self.publisher.stalled(),
         )
     }
 
@@ -149,9 +150,11 @@ impl Subscription {
         let connection = self.connection.status().clone();
         let channel = self.channel.status().clone();
         let publishing = self.publisher.channel().status().clone();
+        let stalled = self.publisher.stalled_flag();
         async move {
             loop {
-                if let Some(why) = lost_of(&connection, &channel, &publishing) {
+                let stalled = stalled.load(std::sync::atomic::Ordering::SeqCst);
+                if let Some(why) = lost_of(&connection, &channel, &publishing, stalled) {
                     return why;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -175,6 +178,7 @@ fn lost_of(
     connection: &lapin::ConnectionStatus,
     channel: &lapin::ChannelStatus,
     publishing: &lapin::ChannelStatus,
+    stalled: bool,
 ) -> Option<anyhow::Error> {
     if !connection.connected() {
         Some(anyhow::anyhow!("the connection is closed"))
@@ -182,6 +186,10 @@ fn lost_of(
         Some(anyhow::anyhow!("the consuming channel is closed"))
     } else if !publishing.connected() {
         Some(anyhow::anyhow!("the publishing channel is closed"))
+    } else if stalled {
+        Some(anyhow::anyhow!(
+            "the broker stopped confirming publishes (amqp.confirm_timeout_secs)"
+        ))
     } else {
         None
     }
@@ -282,7 +290,11 @@ async fn start_consuming(
         .await
         .context("opening the publish channel")?
         .identified_as(settings.broker_user())
-        .timed(common.confirm_seconds.clone());
+        .confirm_timeout(settings.confirm_timeout())
+        .timed(
+            common.confirm_seconds.clone(),
+            common.confirm_timeouts.clone(),
+        );
     let deliveries = channel
         .basic_consume(
             queue.into(),

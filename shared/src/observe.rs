@@ -39,6 +39,9 @@ pub struct Common {
     pub reconnects: Counter,
     /// `fleet_publish_confirm_seconds`: from a publish to the broker's confirm.
     pub confirm_seconds: Histogram,
+    /// `fleet_publish_confirm_timeouts_total`: publishes whose confirm did not come within
+    /// `amqp.confirm_timeout_secs` (each drops its connection).
+    pub confirm_timeouts: Counter,
 }
 
 /// What `/readyz` checks. A service that publishes only (the producer API) does not consume, and
@@ -157,6 +160,12 @@ impl Observer {
                 "fleet_publish_confirm_seconds",
                 "Time from a publish to the broker's confirm",
                 Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ),
+            confirm_timeouts: register(
+                &mut registry,
+                "fleet_publish_confirm_timeouts",
+                "Publishes whose confirm did not come within amqp.confirm_timeout_secs",
+                Counter::default(),
             ),
         };
         Self {

@@ -9,9 +9,11 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 /// The AMQP `app_id` of everything fleet publishes.
@@ -23,6 +25,9 @@ const WRITE_BURST: usize = 128;
 
 /// Times a nacked publish is sent again before the nack is the caller's error.
 const NACK_RETRIES: usize = 4;
+
+/// How long a publish waits for its confirm unless told otherwise (`amqp.confirm_timeout_secs`).
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a publish did not succeed. In every case the caller still owns the message.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -43,6 +48,21 @@ pub enum PublishError {
         exchange: String,
         /// Its routing key.
         routing_key: String,
+    },
+    /// No confirm came within the confirm timeout: the broker may or may not have the message,
+    /// and this publisher's channel is not to be trusted any more ([`Publisher::stalled`]).
+    #[error(
+        "no confirm for the message to `{exchange}` with routing key `{routing_key}` within {} s \
+         (amqp.confirm_timeout_secs)",
+        after.as_secs()
+    )]
+    Unconfirmed {
+        /// Where it went.
+        exchange: String,
+        /// Its routing key.
+        routing_key: String,
+        /// How long it waited.
+        after: Duration,
     },
     /// The message was `mandatory` and no queue was bound for it.
     #[error(
@@ -307,6 +327,11 @@ pub struct Publisher {
     window_size: usize,
     user: Option<ShortString>,
     confirm_seconds: Option<Histogram>,
+    confirm_timeout: Duration,
+    /// Counts confirms that did not come in time.
+    timeouts: Option<Counter>,
+    /// Set, for every clone, once a confirm did not come in time.
+    stalled: Arc<AtomicBool>,
     /// Work queues to spread tasks over (`topology.work_queues`).
     shards: usize,
 }
@@ -324,8 +349,30 @@ impl Publisher {
             window_size: window,
             user: None,
             confirm_seconds: None,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+            timeouts: None,
+            stalled: Arc::new(AtomicBool::new(false)),
             shards: 1,
         })
+    }
+
+    /// Waits at most `timeout` for each confirm ([`DEFAULT_CONFIRM_TIMEOUT`] unless set).
+    #[must_use]
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
+    /// True once a confirm did not come within the confirm timeout. A broker that stops
+    /// confirming on a channel does not start again on it: the owner drops the connection and
+    /// does the unconfirmed work again on a new one.
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::SeqCst)
+    }
+
+    /// The flag behind [`Publisher::stalled`], for a watch that must not hold the channel.
+    pub(crate) fn stalled_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.stalled)
     }
 
     /// Spreads tasks (messages to [`topology::TASKS_EXCHANGE`]) over `shards` work queues, by a
@@ -344,10 +391,12 @@ impl Publisher {
         self
     }
 
-    /// Records each publish's time to its confirm in `histogram`.
+    /// Records each publish's time to its confirm in `histogram`, and counts in `timeouts` the
+    /// confirms that did not come in time.
     #[must_use]
-    pub fn timed(mut self, histogram: Histogram) -> Self {
+    pub fn timed(mut self, histogram: Histogram, timeouts: Counter) -> Self {
         self.confirm_seconds = Some(histogram);
+        self.timeouts = Some(timeouts);
         self
     }
 
@@ -479,6 +528,11 @@ impl Publisher {
         let routing_key = message.routing_key.clone();
         let sent = Instant::now();
         let timer = self.confirm_seconds.clone();
+        let (limit, timeouts, stalled) = (
+            self.confirm_timeout,
+            self.timeouts.clone(),
+            Arc::clone(&self.stalled),
+        );
         let confirm = self
             .channel
             .basic_publish(
@@ -497,7 +551,19 @@ impl Publisher {
                 source,
             })?;
         Ok(async move {
-            let confirm = confirm.await;
+            let Ok(confirm) = tokio::time::timeout(limit, confirm).await else {
+                if !stalled.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(%exchange, %routing_key, ?limit, "a publish was not confirmed in time; treating the connection as lost");
+                }
+                if let Some(timeouts) = timeouts {
+                    timeouts.inc();
+                }
+                return Err(PublishError::Unconfirmed {
+                    exchange,
+                    routing_key,
+                    after: limit,
+                });
+            };
             if let Some(histogram) = timer {
                 histogram.observe(sent.elapsed().as_secs_f64());
             }
@@ -532,10 +598,13 @@ pub struct Unconfirmed {
 }
 
 impl Unconfirmed {
-    /// True when the channel or connection failed, so a new connection may succeed; false for
-    /// a nack or a return, which another attempt would repeat.
+    /// True when the channel or connection failed or stopped confirming, so a new connection
+    /// may succeed; false for a nack or a return, which another attempt would repeat.
     pub fn is_connection_loss(&self) -> bool {
-        matches!(self.error, PublishError::Broker { .. })
+        matches!(
+            self.error,
+            PublishError::Broker { .. } | PublishError::Unconfirmed { .. }
+        )
     }
 }
 

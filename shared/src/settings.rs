@@ -77,6 +77,10 @@ pub struct AmqpSettings {
     /// Seconds a service keeps trying to (re)connect before it exits 1. Default 300.
     /// Env `FLEET_AMQP__RECONNECT_TIMEOUT_SECS`.
     pub reconnect_timeout_secs: u64,
+    /// Seconds a publish may wait for its confirm; past it the publish counts as lost, the
+    /// connection is dropped and the work done again. Default 30.
+    /// Env `FLEET_AMQP__CONFIRM_TIMEOUT_SECS`.
+    pub confirm_timeout_secs: u64,
     /// PEM file of the CA certificates that sign the broker's certificate, for `amqps://` URLs.
     /// The broker's name in the URL must match its certificate. Default none.
     /// Env `FLEET_AMQP__TLS_CA_FILE`.
@@ -299,6 +303,7 @@ publish_window = 1024
 connect_timeout_secs = 10
 heartbeat_secs = 15
 reconnect_timeout_secs = 300
+confirm_timeout_secs = 30
 
 [topology]
 queue_type = "quorum"
@@ -456,6 +461,12 @@ impl Settings {
         if self.amqp.reconnect_timeout_secs == 0 {
             return Err(SettingsError::new(
                 "amqp.reconnect_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.amqp.confirm_timeout_secs == 0 {
+            return Err(SettingsError::new(
+                "amqp.confirm_timeout_secs",
                 "must be at least 1",
             ));
         }
@@ -666,6 +677,11 @@ impl Settings {
         delays
     }
 
+    /// How long a publish waits for its confirm before it counts as lost.
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_secs(self.amqp.confirm_timeout_secs)
+    }
+
     /// How long a service keeps trying to reach the broker before it gives up.
     pub fn reconnect_timeout(&self) -> Duration {
         Duration::from_secs(self.amqp.reconnect_timeout_secs)
@@ -798,6 +814,10 @@ mod tests {
         assert_eq!(s.topology.queue_type, QueueType::Quorum);
         assert!(s.consumer.workers >= 1);
         assert_eq!(s.collector.db, PathBuf::from("./fleet-results.db"));
+        assert_eq!(
+            s.confirm_timeout(),
+            crate::publisher::DEFAULT_CONFIRM_TIMEOUT
+        );
     }
 
     #[test]
@@ -828,6 +848,9 @@ mod tests {
         let err = Settings::load_from(None, env(&[("FLEET_CONSUMER__WORKERS", "0")]))
             .expect_err("zero workers");
         assert_eq!(err.key, "consumer.workers");
+        let err = Settings::load_from(None, env(&[("FLEET_AMQP__CONFIRM_TIMEOUT_SECS", "0")]))
+            .expect_err("no time for a confirm");
+        assert_eq!(err.key, "amqp.confirm_timeout_secs");
         let err = Settings::load_from(None, env(&[("FLEET_AMQP__URL", "http://nope")]))
             .expect_err("not amqp");
         assert_eq!(err.key, "amqp.url");

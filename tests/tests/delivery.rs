@@ -9,6 +9,7 @@ use fleet_producer::submit::{self, Receipt};
 use fleet_shared::publisher::Publisher;
 use fleet_shared::settings::Settings;
 use fleet_shared::topology;
+use fleet_tests::proxy::Proxy;
 use fleet_tests::{Service, Vhost, complete, eventually, ready};
 use serde_json::{Value, json};
 use std::collections::HashSet;
@@ -630,4 +631,100 @@ async fn a_failure_whose_result_is_refused_runs_again_and_its_next_run_is_stored
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].id.as_deref(), Some(sent.task_ids[0].as_str()));
     assert_eq!(dead[0].reason, "first: the first run fails");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_confirm_that_never_comes_drops_the_connection_and_the_work_is_done_again() {
+    let vhost = Vhost::new();
+    let listen = fleet_tests::free_address();
+    let settings = vhost.settings(&[
+        ("FLEET_AMQP__CONFIRM_TIMEOUT_SECS", "2"),
+        ("FLEET_CONSUMER__LISTEN", &listen),
+    ]);
+    let proxy = Proxy::confirm_filter(fleet_tests::broker_host()).await;
+    let mut through_proxy = settings.clone();
+    through_proxy.amqp.url = format!("amqp://guest:guest@{}/{}", proxy.addr, vhost.name);
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&through_proxy);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    warm_up(&settings, &client).await;
+    let base = format!("http://{listen}");
+    let timeouts = "fleet_publish_confirm_timeouts_total";
+    assert_eq!(fleet_tests::metric(&base, timeouts).await, Some(0.0));
+
+    // The broker takes the consumer's results and never confirms them.
+    proxy.withhold_confirms(true);
+    let sent = publish(
+        &settings,
+        "square",
+        (0..50).map(|n| json!({ "n": n })).collect(),
+    )
+    .await;
+    eventually("a confirm timeout", Duration::from_secs(30), || async {
+        (fleet_tests::metric(&base, timeouts).await? >= 1.0).then_some(())
+    })
+    .await;
+    eventually(
+        "the consumer connected again",
+        Duration::from_secs(30),
+        || async { (proxy.accepted() >= 2).then_some(()) },
+    )
+    .await;
+    assert!(proxy.withheld() >= 1);
+    proxy.withhold_confirms(false);
+
+    let status = complete(&client, &sent.batch, Duration::from_secs(60)).await;
+    assert_eq!((status.ok, status.failed), (50, 0));
+    let stored = client.results(&sent.batch).await.expect("results");
+    assert_eq!(stored.len(), 50);
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+    assert_eq!(ready(&settings, topology::DEAD_QUEUE).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submit_sends_again_what_the_broker_never_confirmed() {
+    let vhost = Vhost::new();
+    let settings = vhost.settings(&[("FLEET_AMQP__CONFIRM_TIMEOUT_SECS", "2")]);
+    declare(&settings).await;
+    let proxy = Proxy::confirm_filter(fleet_tests::broker_host()).await;
+    let mut through_proxy = settings.clone();
+    through_proxy.amqp.url = format!("amqp://guest:guest@{}/{}", proxy.addr, vhost.name);
+    proxy.withhold_confirms(true);
+    let submit::Batch { receipt, messages } =
+        submit::batch("square", (0..1000i64).map(|n| json!({ "n": n })).collect());
+    let publishing = tokio::spawn(async move {
+        submit::publish_reliably(&through_proxy, "test-submit", messages).await
+    });
+    eventually(
+        "submit connected again",
+        Duration::from_secs(30),
+        || async { (proxy.accepted() >= 2).then_some(()) },
+    )
+    .await;
+    assert!(!publishing.is_finished(), "nothing was confirmed yet");
+    proxy.withhold_confirms(false);
+    tokio::time::timeout(Duration::from_secs(60), publishing)
+        .await
+        .expect("submit ends once confirms come")
+        .expect("submit did not panic")
+        .expect("every task confirmed");
+
+    // Every task is there, some twice (sent again after the lost confirms).
+    let ready_tasks = ready(&settings, topology::WORK_QUEUE).await;
+    assert!(ready_tasks >= 1000, "{ready_tasks} tasks in the queue");
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let status = complete(&client, &receipt.batch, Duration::from_secs(60)).await;
+    assert_eq!((status.ok, status.failed), (1000, 0));
+    let twice = u64::from(ready_tasks) - 1000;
+    eventually("every copy counted", Duration::from_secs(60), || async {
+        let status = client.batch(&receipt.batch).await.ok().flatten()?;
+        (status.duplicates == twice).then_some(())
+    })
+    .await;
+    assert_eq!(ready(&settings, topology::WORK_QUEUE).await, 0);
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
 }

@@ -87,15 +87,49 @@ pub fn lazy_batch(
     trace: &TraceParent,
 ) -> (String, impl Iterator<Item = Outgoing>) {
     let batch = uuid::Uuid::now_v7().to_string();
+    let messages = batch_messages(&batch, TaskIds::Fresh, kind, payloads, trace);
+    (batch, messages)
+}
+
+/// How the tasks of a batch get their ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskIds {
+    /// A new UUIDv7 each: a batch published twice is two sets of tasks.
+    Fresh,
+    /// `<batch>-<n>` for the n-th payload (from 1): the same batch and input give the same
+    /// tasks, so publishing it again only adds duplicates, which the collector counts once.
+    OfBatch,
+}
+
+/// The longest batch id given with [`TaskIds::OfBatch`]: its task ids add `-` and up to 20
+/// digits and must stay names ([`fleet_shared::envelope::check_name`]).
+pub const MAX_GIVEN_BATCH_BYTES: usize = fleet_shared::envelope::MAX_NAME_BYTES - 21;
+
+/// The manifest, then the tasks, of batch `batch`: each message built only when the iterator
+/// reaches it.
+pub fn batch_messages<P: ExactSizeIterator<Item = Value>>(
+    batch: &str,
+    ids: TaskIds,
+    kind: &str,
+    payloads: P,
+    trace: &TraceParent,
+) -> impl Iterator<Item = Outgoing> + use<P> {
     let total = u64::try_from(payloads.len()).unwrap_or(u64::MAX);
-    let manifest = Outgoing::manifest(&BatchManifest::new(batch.clone(), total, kind.to_owned()));
-    let (kind, trace, of_batch) = (kind.to_owned(), *trace, batch.clone());
-    let tasks = payloads.map(move |payload| {
-        let id = uuid::Uuid::now_v7().to_string();
+    let manifest = Outgoing::manifest(&BatchManifest::new(
+        batch.to_owned(),
+        total,
+        kind.to_owned(),
+    ));
+    let (kind, trace, of_batch) = (kind.to_owned(), *trace, batch.to_owned());
+    let tasks = payloads.enumerate().map(move |(n, payload)| {
+        let id = match ids {
+            TaskIds::Fresh => uuid::Uuid::now_v7().to_string(),
+            TaskIds::OfBatch => format!("{of_batch}-{}", n + 1),
+        };
         let task = Task::new(id, kind.clone(), Some(of_batch.clone()), payload);
         Outgoing::task(&task).traced(&trace)
     });
-    (batch, std::iter::once(manifest).chain(tasks))
+    std::iter::once(manifest).chain(tasks)
 }
 
 /// Publishes `payloads` as one batch of `kind` on one channel and returns when every message is
@@ -219,6 +253,9 @@ pub struct Submission {
     pub output: Option<std::path::PathBuf>,
     /// The collector's read API.
     pub collector: String,
+    /// The batch id to publish under, with task ids derived from it ([`TaskIds::OfBatch`]);
+    /// `None` for a fresh one.
+    pub batch: Option<String>,
 }
 
 /// Publishes the batch, prints its id, and with `wait` follows it to the end.
@@ -246,11 +283,40 @@ pub async fn run(
     let values = payloads
         .into_iter()
         .map(|line| fleet_shared::envelope::decode_json(line.as_bytes()).unwrap_or(Value::Null));
-    let (batch, messages) = lazy_batch(&submission.kind, values, &trace);
+    let (batch, ids) = match &submission.batch {
+        Some(given) => (given.clone(), TaskIds::OfBatch),
+        None => (uuid::Uuid::now_v7().to_string(), TaskIds::Fresh),
+    };
+    let mut messages = batch_messages(&batch, ids, &submission.kind, values, &trace);
+    // Said before anything is sent, so the id is known however this ends.
+    eprintln!(
+        "publishing {tasks} tasks of kind {} as batch {batch}",
+        submission.kind
+    );
+    // The manifest alone first: if it is not confirmed, no task is published under a batch
+    // that could never complete.
+    let manifest = messages.next().into_iter();
+    publish_reliably(&settings, "fleet-producer-submit", manifest)
+        .instrument(span.clone())
+        .await
+        .with_context(|| {
+            format!("publishing the manifest of batch {batch} (no task was published)")
+        })?;
     publish_reliably(&settings, "fleet-producer-submit", messages)
         .instrument(span)
         .await
-        .context("publishing the batch")?;
+        .with_context(|| match ids {
+            TaskIds::OfBatch => format!(
+                "publishing the tasks of batch {batch}: some may be published; the same submit \
+                 with --batch {batch} sends them again under the same ids, and the batch \
+                 completes with each task stored once"
+            ),
+            TaskIds::Fresh => format!(
+                "publishing the tasks of batch {batch}: some may be published, and the batch \
+                 cannot complete without the rest; give submit --batch ID so that running it \
+                 again finishes the same batch"
+            ),
+        })?;
     tracing::info!(%batch, trace_id = %trace.trace_id(), tasks, "batch published");
     println!("{batch}");
     if !(submission.wait || submission.output.is_some()) {

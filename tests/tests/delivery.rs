@@ -6,13 +6,15 @@ use fleet_consumer::registry::{HandlerError, Work};
 use fleet_producer::client::CollectorClient;
 use fleet_producer::dlq;
 use fleet_producer::submit::{self, Receipt};
-use fleet_shared::publisher::Publisher;
+use fleet_shared::envelope::BatchManifest;
+use fleet_shared::publisher::{Outgoing, Publisher};
 use fleet_shared::settings::Settings;
 use fleet_shared::topology;
 use fleet_tests::proxy::Proxy;
 use fleet_tests::{Service, Vhost, complete, eventually, ready};
 use serde_json::{Value, json};
 use std::collections::HashSet;
+use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
@@ -725,6 +727,103 @@ async fn submit_sends_again_what_the_broker_never_confirmed() {
     })
     .await;
     assert_eq!(ready(&settings, topology::WORK_QUEUE).await, 0);
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+}
+
+/// Runs `fleet-producer submit square --input INPUT --batch BATCH` with `env`.
+async fn submit_as(env: &[(String, String)], batch: &str, input: &std::path::Path) -> Output {
+    tokio::process::Command::new(fleet_tests::process::binary("fleet-producer"))
+        .args(["submit", "square", "--batch", batch, "--input"])
+        .arg(input)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("running fleet-producer submit")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_manifest_publishes_no_task_and_the_same_submit_completes_the_batch_later() {
+    let vhost = Vhost::new();
+    let env = vhost.env(&[]);
+    let settings = fleet_tests::settings_of(&env);
+    let input = vhost.dir.join("in.jsonl");
+    std::fs::write(&input, "{\"n\": 1}\n{\"n\": 2}\n\n{\"n\": 3}\n").expect("input");
+    let long = "b".repeat(235);
+    let refused = submit_as(&env, &long, &input).await;
+    assert_eq!(refused.status.code(), Some(2), "a batch id too long");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--batch"));
+
+    // With no collector, another batch's manifest fills fleet.results, which then refuses.
+    declare(&settings).await;
+    let connection = fleet_shared::amqp::connect(&settings, "test")
+        .await
+        .expect("connect");
+    let publisher = Publisher::new(&connection, 8).await.expect("publisher");
+    let other = BatchManifest::new("another".to_owned(), 1, "square".to_owned());
+    publisher
+        .publish(Outgoing::manifest(&other))
+        .await
+        .expect("the filler");
+    let _ = connection.close(200, "done".into()).await;
+    refuse_publishes(&vhost, topology::RESULTS_QUEUE);
+
+    let failed = submit_as(&env, "nightly-7", &input).await;
+    let said = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{said}");
+    assert_eq!(
+        said.lines().next(),
+        Some("publishing 3 tasks of kind square as batch nightly-7"),
+        "the batch is named before anything is sent: {said}"
+    );
+    assert!(said.contains("no task was published"), "{said}");
+    assert!(failed.stdout.is_empty());
+    assert_eq!(
+        ready(&settings, topology::WORK_QUEUE).await,
+        0,
+        "no orphan task"
+    );
+
+    fleet_tests::ctl(&["clear_policy", "-p", &vhost.name, "refuse"]);
+    let collector = Service::collector(&settings);
+    let consumer = Service::builtin_consumer(&settings);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let done = submit_as(&env, "nightly-7", &input).await;
+    assert_eq!(
+        done.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&done.stdout).trim(), "nightly-7");
+    let status = complete(&client, "nightly-7", Duration::from_secs(30)).await;
+    assert_eq!((status.total, status.ok, status.failed), (Some(3), 3, 0));
+    let mut ids: Vec<String> = client
+        .results("nightly-7")
+        .await
+        .expect("results")
+        .into_iter()
+        .map(|r| r.task_id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["nightly-7-1", "nightly-7-2", "nightly-7-3"]);
+
+    // Once more, as a retry after an unclear end would: the same tasks, each stored once.
+    let again = submit_as(&env, "nightly-7", &input).await;
+    assert_eq!(again.status.code(), Some(0));
+    eventually("the copies counted", Duration::from_secs(30), || async {
+        let status = client.batch("nightly-7").await.ok().flatten()?;
+        (status.duplicates == 3).then_some(status)
+    })
+    .await;
+    let status = client
+        .batch("nightly-7")
+        .await
+        .expect("read")
+        .expect("known");
+    assert_eq!((status.ok, status.failed), (3, 0));
     consumer.stop().await.expect("consumer drains cleanly");
     collector.stop().await.expect("collector drains cleanly");
 }

@@ -39,6 +39,12 @@ enum Command {
         /// The collector's read API [default: producer.collector_url].
         #[arg(long)]
         collector: Option<String>,
+        /// Publish under this batch id (at most 234 bytes), the tasks taking the ids
+        /// `<ID>-1`, `<ID>-2`, ... in input order: running the same submit again after a failure
+        /// sends the same tasks, and the batch completes with each stored once. Default: a new
+        /// UUIDv7, with a new UUIDv7 per task.
+        #[arg(long, value_parser = batch_arg)]
+        batch: Option<String>,
     },
     /// Serve the HTTP API on producer.listen.
     Serve,
@@ -118,6 +124,18 @@ fn name_arg(value: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+fn batch_arg(value: &str) -> Result<String, String> {
+    use fleet_producer::submit::MAX_GIVEN_BATCH_BYTES;
+    fleet_shared::envelope::check_name("batch", value).map_err(|e| e.to_string())?;
+    if value.len() > MAX_GIVEN_BATCH_BYTES {
+        return Err(format!(
+            "is {} bytes; the most is {MAX_GIVEN_BATCH_BYTES} (its task ids add a number)",
+            value.len()
+        ));
+    }
+    Ok(value.to_owned())
+}
+
 fn select(id: Option<String>) -> dlq::Select {
     id.map_or(dlq::Select::All, dlq::Select::Id)
 }
@@ -193,6 +211,7 @@ fn main() -> ExitCode {
             wait,
             output,
             collector,
+            batch,
         } => {
             let submission = Submission {
                 kind,
@@ -200,6 +219,7 @@ fn main() -> ExitCode {
                 wait,
                 output,
                 collector: collector.unwrap_or_else(|| settings.producer.collector_url.clone()),
+                batch,
             };
             fleet_shared::cli::run_on_one_thread(settings, |s, shutdown| {
                 fleet_producer::submit::run(s, submission, shutdown)

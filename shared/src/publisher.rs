@@ -323,6 +323,8 @@ pub fn header_str(value: &str) -> AMQPValue {
 #[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
+    /// Its connection's status: a blocked connection (a broker alarm) is not a lost one.
+    connection: lapin::ConnectionStatus,
     window: Arc<Semaphore>,
     window_size: usize,
     user: Option<ShortString>,
@@ -345,6 +347,7 @@ impl Publisher {
             .await?;
         Ok(Self {
             channel,
+            connection: connection.status().clone(),
             window: Arc::new(Semaphore::new(window)),
             window_size: window,
             user: None,
@@ -356,7 +359,9 @@ impl Publisher {
         })
     }
 
-    /// Waits at most `timeout` for each confirm ([`DEFAULT_CONFIRM_TIMEOUT`] unless set).
+    /// Waits at most `timeout` for each confirm ([`DEFAULT_CONFIRM_TIMEOUT`] unless set), not
+    /// counting the time the broker holds the connection blocked (a memory or disk alarm:
+    /// flow control, which ends by itself, not a loss).
     #[must_use]
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
@@ -528,10 +533,11 @@ impl Publisher {
         let routing_key = message.routing_key.clone();
         let sent = Instant::now();
         let timer = self.confirm_seconds.clone();
-        let (limit, timeouts, stalled) = (
+        let (limit, timeouts, stalled, connection) = (
             self.confirm_timeout,
             self.timeouts.clone(),
             Arc::clone(&self.stalled),
+            self.connection.clone(),
         );
         let confirm = self
             .channel
@@ -551,7 +557,17 @@ impl Publisher {
                 source,
             })?;
         Ok(async move {
-            let Ok(confirm) = tokio::time::timeout(limit, confirm).await else {
+            let mut confirm = std::pin::pin!(confirm);
+            let confirm = loop {
+                match tokio::time::timeout(limit, &mut confirm).await {
+                    Ok(confirm) => break Some(confirm),
+                    Err(_) if connection.blocked() => {
+                        tracing::debug!(%exchange, "the broker blocks the connection; still waiting for a confirm");
+                    }
+                    Err(_) => break None,
+                }
+            };
+            let Some(confirm) = confirm else {
                 if !stalled.swap(true, Ordering::SeqCst) {
                     tracing::warn!(%exchange, %routing_key, ?limit, "a publish was not confirmed in time; treating the connection as lost");
                 }

@@ -827,3 +827,59 @@ async fn a_refused_manifest_publishes_no_task_and_the_same_submit_completes_the_
     consumer.stop().await.expect("consumer drains cleanly");
     collector.stop().await.expect("collector drains cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_alarm_is_waited_out_and_not_taken_for_a_lost_confirm() {
+    let node = fleet_tests::node::Node::start();
+    let dir = std::env::temp_dir().join(format!("fleet-alarm-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let listen = fleet_tests::free_address();
+    let env = fleet_tests::fleet_env(
+        &node.url(),
+        &dir,
+        &[
+            ("FLEET_AMQP__CONFIRM_TIMEOUT_SECS", "2"),
+            ("FLEET_CONSUMER__LISTEN", &listen),
+        ],
+    );
+    let settings = fleet_tests::settings_of(&env);
+    declare(&settings).await;
+    let collector = Service::collector(&settings);
+    let client = CollectorClient::new(&settings.producer.collector_url);
+    let sent = publish(
+        &settings,
+        "square",
+        (0..20).map(|n| json!({ "n": n })).collect(),
+    )
+    .await;
+
+    // A memory alarm: the broker blocks every connection that publishes until it clears.
+    node.ctl(&["set_vm_memory_high_watermark", "0"])
+        .expect("raising the alarm");
+    let consumer = Service::builtin_consumer(&settings);
+    eventually("a blocked connection", Duration::from_secs(30), || async {
+        let states = node.ctl(&["list_connections", "state"]).ok()?;
+        states.contains("blocked").then_some(())
+    })
+    .await;
+    // Three confirm timeouts' worth of flow control is waited out, not taken for a loss.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let base = format!("http://{listen}");
+    let counted = |series: &'static str| {
+        let base = base.clone();
+        async move { fleet_tests::metric(&base, series).await }
+    };
+    assert_eq!(
+        counted("fleet_publish_confirm_timeouts_total").await,
+        Some(0.0)
+    );
+    assert_eq!(counted("fleet_reconnects_total").await, Some(0.0));
+    node.ctl(&["set_vm_memory_high_watermark", "0.4"])
+        .expect("clearing the alarm");
+
+    let status = complete(&client, &sent.batch, Duration::from_secs(60)).await;
+    assert_eq!((status.ok, status.failed, status.duplicates), (20, 0, 0));
+    consumer.stop().await.expect("consumer drains cleanly");
+    collector.stop().await.expect("collector drains cleanly");
+    let _ = std::fs::remove_dir_all(&dir);
+}

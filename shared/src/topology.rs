@@ -147,10 +147,21 @@ pub struct Exchange {
     pub alternate: Option<&'static str>,
 }
 
+impl Exchange {
+    /// Its declaration's arguments.
+    pub fn arguments(&self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if let Some(alternate) = self.alternate {
+            arguments.insert("alternate-exchange".into(), long(alternate));
+        }
+        arguments
+    }
+}
+
 /// Every exchange, in the order they are declared.
 ///
 /// Every exchange fleet publishes to with `mandatory` has an alternate exchange, so that the
-/// broker never returns a message (docs/DELIVERY.md "Unroutable messages"): lapin hands a
+/// broker never returns a message (docs/DELIVERY.md, "Publishing"): lapin hands a
 /// `basic.return` to whichever confirm it completes next, which need not be the returned
 /// publish's, so a return could fail the wrong publish and let the unroutable one pass as
 /// confirmed. Unroutable tasks, retries, results and manifests land in `fleet.dead` instead,
@@ -396,10 +407,7 @@ async fn declare_exchange(
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    let mut arguments = FieldTable::default();
-    if let Some(alternate) = exchange.alternate {
-        arguments.insert("alternate-exchange".into(), long(alternate));
-    }
+    let arguments = exchange.arguments();
     let name = exchange.name.as_str();
     let declared = channel
         .exchange_declare(

@@ -103,22 +103,27 @@ async fn allowed(member: &Member, op: Op) -> bool {
         .expect("every role may connect");
     let channel = connection.create_channel().await.expect("channel");
     let outcome = match op {
-        Op::DeclareExchange(name) => channel
-            .exchange_declare(
-                name.into(),
-                if name == topology::TASKS_EXCHANGE {
-                    ExchangeKind::Topic
-                } else {
-                    ExchangeKind::Fanout
-                },
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map(drop),
+        Op::DeclareExchange(name) => {
+            // One of fleet's as fleet declares it, or a new fanout.
+            let (kind, arguments) = topology::exchanges(&member.settings)
+                .into_iter()
+                .find(|e| e.name == name)
+                .map_or((ExchangeKind::Fanout, FieldTable::default()), |e| {
+                    (e.kind.clone(), e.arguments())
+                });
+            channel
+                .exchange_declare(
+                    name.into(),
+                    kind,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    arguments,
+                )
+                .await
+                .map(drop)
+        }
         Op::DeclareQueue(name) => channel
             .queue_declare(
                 name.into(),

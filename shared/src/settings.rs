@@ -153,11 +153,11 @@ pub struct ConsumerSettings {
     /// Largest task body accepted, in bytes; larger ones are dead-lettered. Default 1048576.
     /// Env `FLEET_CONSUMER__MAX_MESSAGE_BYTES`.
     pub max_message_bytes: usize,
-    /// Most results sent in one message to `fleet.results`. Default 1: every result is its own
-    /// message, as in the v1 wire contract. Above 1, results ready at the same moment go as one
-    /// `{"v":1,"type":"results","results":[...]}` message (the collector must be of a version
-    /// that reads them), which roughly halves the broker's work per task under load; each task
-    /// is still acked only after the message holding its result is confirmed. At most 256.
+    /// Most results sent in one message to `fleet.results`. Default 256: results ready at the
+    /// same moment go as one `{"v":1,"type":"results","results":[...]}` message, which roughly
+    /// halves the broker's work per task under load; nothing waits for a group to fill, so a
+    /// lone result still goes at once, and each task is still acked only after the message
+    /// holding its result is confirmed. 1 sends every result as a message of its own. 1 to 256.
     /// Env `FLEET_CONSUMER__RESULTS_PER_MESSAGE`.
     pub results_per_message: usize,
     /// Attempts per task, the first included, before a retryable failure is final. Default 5.
@@ -315,7 +315,7 @@ retry_delays_ms = [1000, 5000, 30000, 120000, 600000]
 io_concurrency = 256
 prefetch_per_worker = 4
 max_message_bytes = 1048576
-results_per_message = 1
+results_per_message = 256
 max_attempts = 5
 grace_period_secs = 30
 time_limit_ms = 600000

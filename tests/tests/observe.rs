@@ -58,6 +58,8 @@ async fn each_service_counts_the_work_it_did() {
         ("FLEET_CONSUMER__KINDS__SLEEP__TIME_LIMIT_MS", "50"),
         ("FLEET_CONSUMER__KINDS__SLEEP__MAX_ATTEMPTS", "2"),
         ("FLEET_CONSUMER__KINDS__SLEEP__RETRY_DELAYS_MS", "100"),
+        // A message per result, so that the counts below do not depend on timing.
+        ("FLEET_CONSUMER__RESULTS_PER_MESSAGE", "1"),
     ]);
     let settings = settings_of(&env);
     let collector = Process::spawn("fleet-collector", &[], &env);
@@ -177,7 +179,7 @@ async fn each_service_counts_the_work_it_did() {
             (r#"fleet_worker_slots_busy{work="compute"}"#, 0.0),
             (r#"fleet_worker_slots_busy{work="io"}"#, 0.0),
             ("fleet_publish_confirm_seconds_count", 311.0),
-            // One message per result by default: 300 ok and 3 failed.
+            // One message per result with results_per_message = 1: 300 ok and 3 failed.
             ("fleet_result_messages_total", 303.0),
             ("fleet_reconnects_total", 0.0),
         ],

@@ -71,8 +71,9 @@ struct Args {
     /// Spread the fleet's tasks over this many work queues (`topology.work_queues`).
     #[arg(long, default_value_t = 1)]
     work_queues: usize,
-    /// Results the consumer may send in one message (`consumer.results_per_message`).
-    #[arg(long, default_value_t = 1)]
+    /// Results the consumer may send in one message (`consumer.results_per_message`; the
+    /// services' default).
+    #[arg(long, default_value_t = 256)]
     results_per_message: usize,
     /// Any other setting of the fleet's services, as `FLEET_SECTION__KEY=VALUE` (repeatable).
     #[arg(long = "set", value_name = "FLEET_SECTION__KEY=VALUE", value_parser = env_setting)]
@@ -350,12 +351,10 @@ fn settings_of(args: &Args) -> Vec<(String, String)> {
             args.work_queues.to_string(),
         ));
     }
-    if args.results_per_message != 1 {
-        settings.push((
-            "FLEET_CONSUMER__RESULTS_PER_MESSAGE".to_owned(),
-            args.results_per_message.to_string(),
-        ));
-    }
+    settings.push((
+        "FLEET_CONSUMER__RESULTS_PER_MESSAGE".to_owned(),
+        args.results_per_message.to_string(),
+    ));
     settings
 }
 

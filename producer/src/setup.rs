@@ -20,18 +20,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     for upgrade in &upgrades {
         println!("{upgrade}");
     }
-    let exchanges: Vec<String> = topology::exchanges(&settings)
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
+    let topology = topology::Topology::of(&settings);
+    let names = |names: Vec<&str>| names.join(", ");
     println!(
-        "topology declared: exchanges {}; queues {}, {}, {}, {} and {} delay queues",
-        exchanges.join(", "),
-        topology::work_queues(&settings).join(", "),
-        topology::DEAD_QUEUE,
-        topology::RESULTS_QUEUE,
-        topology::UNROUTABLE_QUEUE,
-        settings.all_retry_delays().len()
+        "topology declared: exchanges {}; queues {}",
+        names(topology.exchanges.iter().map(|e| e.name.as_str()).collect()),
+        names(topology.queues.iter().map(|q| q.name.as_str()).collect()),
     );
     Ok(())
 }

@@ -87,16 +87,12 @@ pub fn work_queues(settings: &Settings) -> Vec<String> {
     (0..settings.topology.work_queues).map(work_queue).collect()
 }
 
-/// Every queue the topology has: work, delay queues, dead letters, results.
+/// Every queue the topology has: work, delay queues, dead letters, results, unroutable.
 pub fn queues(settings: &Settings) -> Vec<String> {
-    work_queues(settings)
+    Topology::of(settings)
+        .queues
         .into_iter()
-        .chain(settings.all_retry_delays().into_iter().map(retry_queue))
-        .chain([
-            DEAD_QUEUE.to_owned(),
-            RESULTS_QUEUE.to_owned(),
-            UNROUTABLE_QUEUE.to_owned(),
-        ])
+        .map(|queue| queue.name)
         .collect()
 }
 
@@ -136,8 +132,20 @@ fn durable() -> QueueDeclareOptions {
     }
 }
 
+/// A binding to a queue or an exchange: what `source` routes there, by routing key or, for a
+/// headers exchange, by `arguments`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    /// The exchange it routes from.
+    pub source: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// Its arguments (the headers a headers exchange matches).
+    pub arguments: FieldTable,
+}
+
 /// One exchange of the topology.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Exchange {
     /// Its name.
     pub name: String,
@@ -145,6 +153,8 @@ pub struct Exchange {
     pub kind: ExchangeKind,
     /// Where the broker routes what this exchange cannot route (`alternate-exchange`).
     pub alternate: Option<&'static str>,
+    /// Exchanges bound to route into this one.
+    pub bindings: Vec<Binding>,
 }
 
 impl Exchange {
@@ -158,42 +168,175 @@ impl Exchange {
     }
 }
 
-/// Every exchange, in the order they are declared.
-///
-/// Every exchange fleet publishes to with `mandatory` has an alternate exchange, so that the
-/// broker never returns a message (docs/DELIVERY.md, "Publishing"): lapin hands a
-/// `basic.return` to whichever confirm it completes next, which need not be the returned
-/// publish's, so a return could fail the wrong publish and let the unroutable one pass as
-/// confirmed. Unroutable tasks, retries, results and manifests land in `fleet.dead` instead,
-/// where `dlq list` shows them and `dlq replay` can send the tasks again; what `fleet.dead`
-/// itself cannot route lands in `fleet.unroutable`. Status beats are neither mandatory nor kept.
+/// One queue of the topology: its arguments and what it is bound to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queue {
+    /// Its name.
+    pub name: String,
+    /// Its declaration's arguments.
+    pub arguments: FieldTable,
+    /// The exchanges that route into it.
+    pub bindings: Vec<Binding>,
+}
+
+/// Every exchange, queue, binding and argument of fleet's topology for some settings, each
+/// written once: [`declare`], [`check`], `fleet-producer setup` and `status` read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    /// In the order they are declared.
+    pub exchanges: Vec<Exchange>,
+    /// Work queues, delay queues, dead letters, results, unroutable: the order `status` shows.
+    pub queues: Vec<Queue>,
+}
+
+fn bound(source: &str, routing_key: &str, arguments: FieldTable) -> Binding {
+    Binding {
+        source: source.to_owned(),
+        routing_key: routing_key.to_owned(),
+        arguments,
+    }
+}
+
+/// The headers binding of `fleet.retry` that matches `fleet-delay-ms` = `key`.
+fn delay_binding(key: &str) -> Binding {
+    bound(
+        RETRY_EXCHANGE,
+        "",
+        args([
+            ("x-match", long("all")),
+            (crate::envelope::HEADER_DELAY, long(key)),
+        ]),
+    )
+}
+
+impl Topology {
+    /// The topology of `settings`.
+    ///
+    /// Every exchange fleet publishes to with `mandatory` has an alternate exchange, so that the
+    /// broker never returns a message (docs/DELIVERY.md, "Publishing"): lapin hands a
+    /// `basic.return` to whichever confirm it completes next, which need not be the returned
+    /// publish's, so a return could fail the wrong publish and let the unroutable one pass as
+    /// confirmed. Unroutable tasks, retries, results and manifests land in `fleet.dead` instead,
+    /// where `dlq list` shows them and `dlq replay` can send the tasks again; what `fleet.dead`
+    /// itself cannot route lands in `fleet.unroutable`. Status beats are neither mandatory nor
+    /// kept.
+    ///
+    /// Every quorum queue that dead-letters does it at-least-once (docs/DELIVERY.md,
+    /// "Dead-lettering").
+    pub fn of(all: &Settings) -> Self {
+        let settings = &all.topology;
+        let quorum = settings.queue_type == QueueType::Quorum;
+        let exchange = |name: &str, kind, alternate| Exchange {
+            name: name.to_owned(),
+            kind,
+            alternate,
+            bindings: Vec::new(),
+        };
+        let dead = Some(DEAD_EXCHANGE);
+        let mut exchanges = vec![
+            exchange(UNROUTABLE_EXCHANGE, ExchangeKind::Fanout, None),
+            exchange(
+                DEAD_EXCHANGE,
+                ExchangeKind::Fanout,
+                Some(UNROUTABLE_EXCHANGE),
+            ),
+        ];
+        for name in tasks_exchanges(all) {
+            let mut tasks = exchange(&name, ExchangeKind::Topic, dead);
+            if name == TASKS_EXCHANGE {
+                // A task handed back undelayed (a draining consumer's unstarted tasks) goes
+                // straight back to the work queue.
+                tasks.bindings.push(delay_binding(NO_DELAY));
+            }
+            exchanges.push(tasks);
+        }
+        exchanges.extend([
+            exchange(RETRY_EXCHANGE, ExchangeKind::Headers, dead),
+            exchange(RESULTS_EXCHANGE, ExchangeKind::Fanout, dead),
+            exchange(BATCHES_EXCHANGE, ExchangeKind::Fanout, dead),
+            exchange(STATUS_EXCHANGE, ExchangeKind::Fanout, None),
+        ]);
+
+        let qtype = queue_type(settings.queue_type);
+        let mut queues = Vec::new();
+        let mut work = args([
+            ("x-queue-type", qtype.clone()),
+            ("x-dead-letter-exchange", long(DEAD_EXCHANGE)),
+        ]);
+        if quorum {
+            work.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongInt(i32::try_from(settings.delivery_limit).unwrap_or(i32::MAX)),
+            );
+            at_least_once(&mut work);
+        }
+        for shard in 0..settings.work_queues {
+            queues.push(Queue {
+                name: work_queue(shard),
+                arguments: work.clone(),
+                bindings: vec![bound(&tasks_exchange(shard), "#", FieldTable::default())],
+            });
+        }
+        for delay in all.all_retry_delays() {
+            // No x-dead-letter-routing-key: an expired retry goes back to fleet.tasks with the
+            // routing key it was published with, which is the task kind.
+            let mut arguments = args([
+                ("x-queue-type", qtype.clone()),
+                (
+                    "x-message-ttl",
+                    AMQPValue::LongLongInt(i64::try_from(delay).unwrap_or(i64::MAX)),
+                ),
+                ("x-dead-letter-exchange", long(TASKS_EXCHANGE)),
+            ]);
+            if quorum {
+                at_least_once(&mut arguments);
+            }
+            queues.push(Queue {
+                name: retry_queue(delay),
+                arguments,
+                bindings: vec![delay_binding(&delay_key(delay))],
+            });
+        }
+        queues.push(Queue {
+            name: DEAD_QUEUE.to_owned(),
+            arguments: args([("x-queue-type", qtype.clone())]),
+            bindings: vec![bound(DEAD_EXCHANGE, "", FieldTable::default())],
+        });
+        let mut results = args([
+            ("x-queue-type", qtype.clone()),
+            ("x-single-active-consumer", AMQPValue::Boolean(true)),
+        ]);
+        if quorum {
+            // A result handed back often enough (collector restarts) goes to fleet.dead, not
+            // away: RabbitMQ 4.x would drop it at its default delivery limit of 20 with no
+            // target set.
+            results.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongInt(RESULTS_DELIVERY_LIMIT),
+            );
+            results.insert("x-dead-letter-exchange".into(), long(DEAD_EXCHANGE));
+            at_least_once(&mut results);
+        }
+        queues.push(Queue {
+            name: RESULTS_QUEUE.to_owned(),
+            arguments: results,
+            bindings: vec![
+                bound(RESULTS_EXCHANGE, "", FieldTable::default()),
+                bound(BATCHES_EXCHANGE, "", FieldTable::default()),
+            ],
+        });
+        queues.push(Queue {
+            name: UNROUTABLE_QUEUE.to_owned(),
+            arguments: args([("x-queue-type", qtype)]),
+            bindings: vec![bound(UNROUTABLE_EXCHANGE, "", FieldTable::default())],
+        });
+        Self { exchanges, queues }
+    }
+}
+
+/// Every exchange, in the order they are declared ([`Topology::of`]).
 pub fn exchanges(settings: &Settings) -> Vec<Exchange> {
-    let exchange = |name: &str, kind, alternate| Exchange {
-        name: name.to_owned(),
-        kind,
-        alternate,
-    };
-    let dead = Some(DEAD_EXCHANGE);
-    let mut all = vec![
-        exchange(UNROUTABLE_EXCHANGE, ExchangeKind::Fanout, None),
-        exchange(
-            DEAD_EXCHANGE,
-            ExchangeKind::Fanout,
-            Some(UNROUTABLE_EXCHANGE),
-        ),
-    ];
-    all.extend(
-        tasks_exchanges(settings)
-            .iter()
-            .map(|name| exchange(name, ExchangeKind::Topic, dead)),
-    );
-    all.extend([
-        exchange(RETRY_EXCHANGE, ExchangeKind::Headers, dead),
-        exchange(RESULTS_EXCHANGE, ExchangeKind::Fanout, dead),
-        exchange(BATCHES_EXCHANGE, ExchangeKind::Fanout, dead),
-        exchange(STATUS_EXCHANGE, ExchangeKind::Fanout, None),
-    ]);
-    all
+    Topology::of(settings).exchanges
 }
 
 /// Something [`declare`] changed in a topology that was already there.
@@ -256,13 +399,6 @@ const ADDED_QUEUE_ARGUMENTS: [&str; 4] = [
     "x-delivery-limit",
 ];
 
-/// One queue of the topology and the exchanges (with routing keys) it is bound to.
-struct Queue {
-    name: String,
-    arguments: FieldTable,
-    bindings: Vec<(String, &'static str)>,
-}
-
 /// Messages ready in `queue`, and its consumers.
 async fn usage(channel: &Channel, queue: &str) -> lapin::Result<(u32, u32)> {
     let found = channel
@@ -304,13 +440,13 @@ async fn declare_queue(
                 // Quorum queues cannot be deleted `if-empty`: unbind it first so that nothing
                 // new reaches it (a publish meanwhile goes to the alternate exchange), and
                 // look again.
-                for (exchange, routing_key) in &queue.bindings {
+                for binding in &queue.bindings {
                     channel
                         .queue_unbind(
                             name.into(),
-                            exchange.as_str().into(),
-                            (*routing_key).into(),
-                            FieldTable::default(),
+                            binding.source.as_str().into(),
+                            binding.routing_key.as_str().into(),
+                            binding.arguments.clone(),
                         )
                         .await?;
                 }
@@ -336,14 +472,14 @@ async fn declare_queue(
         }
         Err(error) => return Err(error),
     };
-    for (exchange, routing_key) in &queue.bindings {
+    for binding in &queue.bindings {
         channel
             .queue_bind(
                 name.into(),
-                exchange.as_str().into(),
-                (*routing_key).into(),
+                binding.source.as_str().into(),
+                binding.routing_key.as_str().into(),
                 QueueBindOptions::default(),
-                FieldTable::default(),
+                binding.arguments.clone(),
             )
             .await?;
     }
@@ -449,136 +585,28 @@ pub async fn declare(
     all: &Settings,
     migrate: Migrate,
 ) -> lapin::Result<Vec<Upgrade>> {
-    let settings = &all.topology;
+    let topology = Topology::of(all);
     let mut channel = connection.create_channel().await?;
     let mut upgrades = Vec::new();
-    for exchange in exchanges(all) {
-        upgrades.extend(declare_exchange(connection, &mut channel, &exchange).await?);
+    for exchange in &topology.exchanges {
+        upgrades.extend(declare_exchange(connection, &mut channel, exchange).await?);
     }
-    channel
-        .queue_declare(
-            UNROUTABLE_QUEUE.into(),
-            durable(),
-            args([("x-queue-type", queue_type(settings.queue_type))]),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            UNROUTABLE_QUEUE.into(),
-            UNROUTABLE_EXCHANGE.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    // A task handed back undelayed (a draining consumer's unstarted tasks) goes straight back
-    // to the work queue.
-    channel
-        .exchange_bind(
-            TASKS_EXCHANGE.into(),
-            RETRY_EXCHANGE.into(),
-            "".into(),
-            ExchangeBindOptions::default(),
-            args([
-                ("x-match", long("all")),
-                (crate::envelope::HEADER_DELAY, long(NO_DELAY)),
-            ]),
-        )
-        .await?;
-
-    let qtype = queue_type(settings.queue_type);
-    channel
-        .queue_declare(
-            DEAD_QUEUE.into(),
-            durable(),
-            args([("x-queue-type", qtype.clone())]),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            DEAD_QUEUE.into(),
-            DEAD_EXCHANGE.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-
-    let mut work = args([
-        ("x-queue-type", qtype.clone()),
-        ("x-dead-letter-exchange", long(DEAD_EXCHANGE)),
-    ]);
-    if settings.queue_type == QueueType::Quorum {
-        work.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongInt(i32::try_from(settings.delivery_limit).unwrap_or(i32::MAX)),
-        );
-        at_least_once(&mut work);
+    for queue in &topology.queues {
+        upgrades.extend(declare_queue(connection, &mut channel, queue, migrate).await?);
     }
-    for shard in 0..settings.work_queues {
-        let queue = Queue {
-            name: work_queue(shard),
-            arguments: work.clone(),
-            bindings: vec![(tasks_exchange(shard), "#")],
-        };
-        upgrades.extend(declare_queue(connection, &mut channel, &queue, migrate).await?);
-    }
-
-    for delay in all.all_retry_delays() {
-        let name = retry_queue(delay);
-        // No x-dead-letter-routing-key: an expired retry goes back to fleet.tasks with the
-        // routing key it was published with, which is the task kind.
-        let mut delay_args = args([
-            ("x-queue-type", qtype.clone()),
-            (
-                "x-message-ttl",
-                AMQPValue::LongLongInt(i64::try_from(delay).unwrap_or(i64::MAX)),
-            ),
-            ("x-dead-letter-exchange", long(TASKS_EXCHANGE)),
-        ]);
-        if settings.queue_type == QueueType::Quorum {
-            at_least_once(&mut delay_args);
+    for exchange in &topology.exchanges {
+        for binding in &exchange.bindings {
+            channel
+                .exchange_bind(
+                    exchange.name.as_str().into(),
+                    binding.source.as_str().into(),
+                    binding.routing_key.as_str().into(),
+                    ExchangeBindOptions::default(),
+                    binding.arguments.clone(),
+                )
+                .await?;
         }
-        channel
-            .queue_declare(name.as_str().into(), durable(), delay_args)
-            .await?;
-        channel
-            .queue_bind(
-                name.as_str().into(),
-                RETRY_EXCHANGE.into(),
-                "".into(),
-                QueueBindOptions::default(),
-                args([
-                    ("x-match", long("all")),
-                    (crate::envelope::HEADER_DELAY, long(&delay_key(delay))),
-                ]),
-            )
-            .await?;
     }
-
-    let mut results = args([
-        ("x-queue-type", qtype),
-        ("x-single-active-consumer", AMQPValue::Boolean(true)),
-    ]);
-    if settings.queue_type == QueueType::Quorum {
-        // A result handed back often enough (collector restarts) goes to fleet.dead, not away:
-        // RabbitMQ 4.x would drop it at its default delivery limit of 20 with no target set.
-        results.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongInt(RESULTS_DELIVERY_LIMIT),
-        );
-        results.insert("x-dead-letter-exchange".into(), long(DEAD_EXCHANGE));
-        at_least_once(&mut results);
-    }
-    let queue = Queue {
-        name: RESULTS_QUEUE.to_owned(),
-        arguments: results,
-        bindings: vec![
-            (RESULTS_EXCHANGE.to_owned(), ""),
-            (BATCHES_EXCHANGE.to_owned(), ""),
-        ],
-    };
-    upgrades.extend(declare_queue(connection, &mut channel, &queue, migrate).await?);
     let _ = channel.close(200, "declared".into()).await;
     Ok(upgrades)
 }
@@ -637,7 +665,8 @@ async fn check(channel: &Channel, settings: &Settings) -> lapin::Result<()> {
         passive: true,
         ..ExchangeDeclareOptions::default()
     };
-    for exchange in exchanges(settings) {
+    let topology = Topology::of(settings);
+    for exchange in topology.exchanges {
         channel
             .exchange_declare(
                 exchange.name.as_str().into(),
@@ -651,10 +680,201 @@ async fn check(channel: &Channel, settings: &Settings) -> lapin::Result<()> {
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    for name in queues(settings) {
+    for queue in topology.queues {
         channel
-            .queue_declare(name.as_str().into(), passive_queue, FieldTable::default())
+            .queue_declare(
+                queue.name.as_str().into(),
+                passive_queue,
+                FieldTable::default(),
+            )
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table's entries as `key=value` text, sorted, for comparing at a glance.
+    fn entries(table: &FieldTable) -> Vec<String> {
+        let mut entries: Vec<String> = table
+            .inner()
+            .iter()
+            .map(|(key, value)| {
+                let value = match value {
+                    AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    AMQPValue::LongInt(n) => n.to_string(),
+                    AMQPValue::LongLongInt(n) => n.to_string(),
+                    AMQPValue::Boolean(b) => b.to_string(),
+                    other => format!("{other:?}"),
+                };
+                format!("{key}={value}")
+            })
+            .collect();
+        entries.sort();
+        entries
+    }
+
+    fn binding(binding: &Binding) -> String {
+        let mut text = format!("{} {:?}", binding.source, binding.routing_key);
+        for entry in entries(&binding.arguments) {
+            text.push(' ');
+            text.push_str(&entry);
+        }
+        text
+    }
+
+    #[test]
+    fn the_default_topology_is_pinned() {
+        let settings = Settings::load_from(None, Vec::new()).expect("defaults");
+        let topology = Topology::of(&settings);
+        let exchanges: Vec<(String, String, Option<&str>, Vec<String>)> = topology
+            .exchanges
+            .iter()
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    format!("{:?}", e.kind),
+                    e.alternate,
+                    e.bindings.iter().map(binding).collect(),
+                )
+            })
+            .collect();
+        let none = Vec::<String>::new;
+        assert_eq!(
+            exchanges,
+            [
+                ("fleet.unroutable", "Fanout", None, none()),
+                ("fleet.dead", "Fanout", Some("fleet.unroutable"), none()),
+                (
+                    "fleet.tasks",
+                    "Topic",
+                    Some("fleet.dead"),
+                    vec![r#"fleet.retry "" fleet-delay-ms=0 x-match=all"#.to_owned()],
+                ),
+                ("fleet.retry", "Headers", Some("fleet.dead"), none()),
+                ("fleet.results", "Fanout", Some("fleet.dead"), none()),
+                ("fleet.batches", "Fanout", Some("fleet.dead"), none()),
+                ("fleet.status", "Fanout", None, none()),
+            ]
+            .map(|(name, kind, alternate, bindings)| (
+                name.to_owned(),
+                kind.to_owned(),
+                alternate,
+                bindings
+            ))
+        );
+
+        let at_least_once = [
+            "x-dead-letter-strategy=at-least-once",
+            "x-overflow=reject-publish",
+        ];
+        let queue = |name: &str| {
+            topology
+                .queues
+                .iter()
+                .find(|q| q.name == name)
+                .unwrap_or_else(|| panic!("{name} is in the topology"))
+        };
+        let names: Vec<&str> = topology.queues.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "fleet.tasks.default",
+                "fleet.retry.1000ms",
+                "fleet.retry.5000ms",
+                "fleet.retry.30000ms",
+                "fleet.retry.120000ms",
+                "fleet.retry.600000ms",
+                "fleet.dead",
+                "fleet.results",
+                "fleet.unroutable",
+            ]
+        );
+        // Each queue's arguments (with the two of at-least-once dead-lettering) and bindings.
+        let pinned = [
+            (
+                "fleet.tasks.default",
+                vec![
+                    "x-dead-letter-exchange=fleet.dead",
+                    "x-delivery-limit=5",
+                    "x-queue-type=quorum",
+                ],
+                vec![r##"fleet.tasks "#""##],
+            ),
+            (
+                "fleet.retry.5000ms",
+                vec![
+                    "x-dead-letter-exchange=fleet.tasks",
+                    "x-message-ttl=5000",
+                    "x-queue-type=quorum",
+                ],
+                vec![r#"fleet.retry "" fleet-delay-ms=5000 x-match=all"#],
+            ),
+            (
+                "fleet.results",
+                vec![
+                    "x-dead-letter-exchange=fleet.dead",
+                    "x-delivery-limit=1000",
+                    "x-queue-type=quorum",
+                    "x-single-active-consumer=true",
+                ],
+                vec![r#"fleet.results """#, r#"fleet.batches """#],
+            ),
+        ];
+        for (name, mut arguments, bindings) in pinned {
+            arguments.extend(at_least_once);
+            arguments.sort_unstable();
+            assert_eq!(entries(&queue(name).arguments), arguments, "{name}");
+            let bound: Vec<String> = queue(name).bindings.iter().map(binding).collect();
+            assert_eq!(bound, bindings, "{name}");
+        }
+        for name in ["fleet.dead", "fleet.unroutable"] {
+            assert_eq!(entries(&queue(name).arguments), ["x-queue-type=quorum"]);
+        }
+    }
+
+    #[test]
+    fn shards_and_classic_queues_change_only_what_they_name() {
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<Vec<_>>()
+        };
+        let sharded =
+            Settings::load_from(None, env(&[("FLEET_TOPOLOGY__WORK_QUEUES", "3")])).expect("valid");
+        let topology = Topology::of(&sharded);
+        let tasks: Vec<&str> = topology
+            .exchanges
+            .iter()
+            .filter(|e| e.kind == ExchangeKind::Topic)
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(tasks, ["fleet.tasks", "fleet.tasks.1", "fleet.tasks.2"]);
+        for shard in 1..3 {
+            let queue = topology
+                .queues
+                .iter()
+                .find(|q| q.name == work_queue(shard))
+                .expect("a work queue per shard");
+            assert_eq!(queue.bindings[0].source, tasks_exchange(shard));
+        }
+        let classic = Settings::load_from(None, env(&[("FLEET_TOPOLOGY__QUEUE_TYPE", "classic")]))
+            .expect("valid");
+        for queue in Topology::of(&classic).queues {
+            let entries = entries(&queue.arguments);
+            assert!(
+                entries.contains(&"x-queue-type=classic".to_owned()),
+                "{entries:?}"
+            );
+            assert!(
+                !entries.iter().any(|e| e.starts_with("x-delivery-limit")
+                    || e.starts_with("x-dead-letter-strategy")),
+                "quorum-only arguments on {}: {entries:?}",
+                queue.name
+            );
+        }
+    }
 }

@@ -8,7 +8,7 @@ use crate::pool::ComputePool;
 use crate::registry::{HandlerError, Registry, TaskContext, Work};
 use crate::results::Results;
 use chrono::Utc;
-use fleet_shared::envelope::{self, ErrorInfo, Status, TaskResult};
+use fleet_shared::envelope::{self, DeadReason, ErrorInfo, Status, TaskResult};
 use fleet_shared::error::PermissionError;
 use fleet_shared::publisher::{Outgoing, PublishError, Publisher, header_str};
 use fleet_shared::settings::Settings;
@@ -144,8 +144,8 @@ impl Worker {
         {
             Ok(processed) => processed,
             Err(panic) => {
-                let reason = format!("panicked while handling: {}", panic_message(panic.as_ref()));
-                tracing::error!(reason = %printable(&reason), "dead-lettering the delivery");
+                let reason = DeadReason::Panicked(panic_message(panic.as_ref()));
+                tracing::error!(reason = %printable(&reason.to_string()), "dead-lettering the delivery");
                 let who = published_by(&delivery, self.own_user.as_deref());
                 self.metrics.ended(UNKNOWN_KIND, TaskOutcome::Rejected);
                 self.metrics.dead_lettered(UNKNOWN_KIND);
@@ -197,7 +197,7 @@ impl Worker {
         let who = published_by(delivery, self.own_user.as_deref());
         let who = who.as_deref();
         let max = self.settings.consumer.max_message_bytes;
-        let reject = |reason: String| async move {
+        let reject = |reason: DeadReason| async move {
             self.metrics.received(UNKNOWN_KIND);
             dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await?;
             self.metrics.ended(UNKNOWN_KIND, TaskOutcome::Rejected);
@@ -205,18 +205,18 @@ impl Worker {
             Ok(Settled::Confirmed)
         };
         if delivery.data.len() > max {
-            let reason = format!(
-                "too large: {} bytes, the limit is {max}",
-                delivery.data.len()
-            );
+            let reason = DeadReason::TooLarge {
+                bytes: delivery.data.len(),
+                limit: max,
+            };
             return reject(reason).await;
         }
         let task = match envelope::decode_task(&delivery.data) {
             Ok(task) => task,
-            Err(error) => return reject(error.to_string()).await,
+            Err(error) => return reject(DeadReason::Invalid(error.to_string())).await,
         };
         let Some(handler) = self.registry.get(&task.kind) else {
-            return reject(format!("unknown kind `{}`", task.kind)).await;
+            return reject(DeadReason::UnknownKind(task.kind.clone())).await;
         };
         let kind = task.kind.as_str();
         self.metrics.received(kind);
@@ -360,8 +360,11 @@ impl Worker {
                 });
                 let reason = error
                     .as_ref()
-                    .map_or_else(String::new, |e| format!("{}: {}", e.kind, e.message));
-                tracing::warn!(task_id = %task.id, kind = %task.kind, attempts = attempt.saturating_add(1), reason = %printable(&reason), "task failed");
+                    .map_or(DeadReason::Unknown, |e| DeadReason::Failed {
+                        kind: e.kind.clone(),
+                        message: e.message.clone(),
+                    });
+                tracing::warn!(task_id = %task.id, kind = %task.kind, attempts = attempt.saturating_add(1), reason = %printable(&reason.to_string()), "task failed");
                 // The dead letter first: if it is refused, nothing is stored and the task runs
                 // again, so the stored outcome is the last run's (docs/DELIVERY.md, "A failure").
                 dead_letter(publisher, delivery, &reason, attempt.saturating_add(1), who).await?;
@@ -476,16 +479,13 @@ impl Worker {
 async fn dead_letter(
     publisher: &Publisher,
     delivery: &Delivery,
-    reason: &str,
+    reason: &DeadReason,
     attempts: u32,
     who: Option<&str>,
 ) -> Result<(), SettleError> {
-    tracing::warn!(message_id = ?delivery.properties.message_id(), reason = %printable(reason), "dead-lettering");
+    tracing::warn!(message_id = ?delivery.properties.message_id(), reason = %printable(&reason.to_string()), "dead-lettering");
     let mut headers = vec![
-        (
-            envelope::HEADER_ERROR,
-            header_str(&envelope::reason_header(reason)),
-        ),
+        (envelope::HEADER_ERROR, header_str(&reason.header())),
         (
             envelope::HEADER_ROUTING_KEY,
             header_str(delivery.routing_key.as_str()),

@@ -13,7 +13,7 @@
 use crate::submit::connect_publisher;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use fleet_shared::envelope::{self, HEADER_ATTEMPT, HEADER_DEAD_AT, HEADER_ERROR};
+use fleet_shared::envelope::{self, DeadReason, HEADER_ATTEMPT, HEADER_DEAD_AT, HEADER_ERROR};
 use fleet_shared::publisher::{Outgoing, Publisher, header_str, task_headers, without_user_id};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::printable;
@@ -77,6 +77,7 @@ pub fn describe(delivery: &Delivery) -> DeadLetter {
     let death = first_death(&headers);
     let reason = get(HEADER_ERROR)
         .and_then(text)
+        .map(DeadReason::Recorded)
         .or_else(|| {
             let death = death?;
             let reason = death.inner().get("reason").and_then(text)?;
@@ -85,19 +86,18 @@ pub fn describe(delivery: &Delivery) -> DeadLetter {
                 .get("queue")
                 .and_then(text)
                 .unwrap_or_default();
-            Some(format!("{reason} (broker, queue {queue})"))
+            Some(DeadReason::Broker { reason, queue })
         })
         .or_else(|| {
             // Routed here as the alternate exchange of the exchange it was published to.
             let exchange = delivery.exchange.as_str();
-            (exchange != topology::DEAD_EXCHANGE).then(|| {
-                format!(
-                    "unroutable: published to `{exchange}` with routing key `{}`",
-                    delivery.routing_key
-                )
+            (exchange != topology::DEAD_EXCHANGE).then(|| DeadReason::Unroutable {
+                exchange: exchange.to_owned(),
+                routing_key: delivery.routing_key.as_str().to_owned(),
             })
         })
-        .unwrap_or_else(|| "unknown".to_owned());
+        .unwrap_or(DeadReason::Unknown)
+        .to_string();
     let when = get(HEADER_DEAD_AT)
         .or_else(|| death.and_then(|d| d.inner().get("time")))
         .and_then(integer)

@@ -64,6 +64,98 @@ pub fn check_name(field: &'static str, value: &str) -> Result<(), FieldError> {
     Err(FieldError { field, problem })
 }
 
+/// Why a message is in `fleet.dead`. The text form ([`std::fmt::Display`]) is stable: it is the
+/// `x-fleet-error` header fleet writes ([`DeadReason::header`]) and what `dlq list` shows, and
+/// operators match on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadReason {
+    /// The body is not a valid v1 message: the [`DecodeError`]'s text.
+    Invalid(String),
+    /// The body is over `consumer.max_message_bytes`.
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// No handler takes this kind.
+    UnknownKind(String),
+    /// The handler failed for good (a permanent error, or a retryable one on the last attempt).
+    Failed {
+        /// The error's kind, e.g. `timeout`.
+        kind: String,
+        /// Its message.
+        message: String,
+    },
+    /// Handling it panicked outside the handler.
+    Panicked(String),
+    /// On the result path: a message that came through an exchange not meant for it.
+    Misrouted {
+        /// What it is: a result, a result group or a batch manifest.
+        what: &'static str,
+        /// The exchange it came through.
+        exchange: String,
+        /// The only exchange that may carry it.
+        allowed: &'static str,
+    },
+    /// Dead-lettered by the broker (its `x-death`): e.g. `delivery_limit`.
+    Broker {
+        /// The broker's reason.
+        reason: String,
+        /// The queue it was dead-lettered from.
+        queue: String,
+    },
+    /// Routed to `fleet.dead` as the alternate exchange of an exchange that could not route it.
+    Unroutable {
+        /// The exchange it was published to.
+        exchange: String,
+        /// Its routing key.
+        routing_key: String,
+    },
+    /// An `x-fleet-error` as it was found (written by an earlier release or another publisher).
+    Recorded(String),
+    /// Nothing recorded why.
+    Unknown,
+}
+
+impl std::fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Invalid(error) | Self::Recorded(error) => f.write_str(error),
+            Self::TooLarge { bytes, limit } => {
+                write!(f, "too large: {bytes} bytes, the limit is {limit}")
+            }
+            Self::UnknownKind(kind) => write!(f, "unknown kind `{kind}`"),
+            Self::Failed { kind, message } => write!(f, "{kind}: {message}"),
+            Self::Panicked(message) => write!(f, "panicked while handling: {message}"),
+            Self::Misrouted {
+                what,
+                exchange,
+                allowed,
+            } => write!(
+                f,
+                "a {what} arrived through exchange `{exchange}`; only `{allowed}` may carry one"
+            ),
+            Self::Broker { reason, queue } => write!(f, "{reason} (broker, queue {queue})"),
+            Self::Unroutable {
+                exchange,
+                routing_key,
+            } => write!(
+                f,
+                "unroutable: published to `{exchange}` with routing key `{routing_key}`"
+            ),
+            Self::Unknown => f.write_str("unknown"),
+        }
+    }
+}
+
+impl DeadReason {
+    /// The `x-fleet-error` header's text ([`reason_header`]).
+    pub fn header(&self) -> String {
+        reason_header(&self.to_string()).into_owned()
+    }
+}
+
 /// The most bytes of a reason in `x-fleet-error`: a dead letter's headers travel in one frame
 /// (32 KiB by default, `amqp.url`'s `frame_max`), and a reason is a line for a person.
 pub const MAX_REASON_BYTES: usize = 1024;
@@ -551,6 +643,69 @@ mod tests {
             "{}",
             cut.len()
         );
+    }
+
+    #[test]
+    fn each_dead_reason_has_its_stable_text() {
+        let reasons = [
+            (
+                DeadReason::TooLarge {
+                    bytes: 2048,
+                    limit: 1024,
+                },
+                "too large: 2048 bytes, the limit is 1024",
+            ),
+            (
+                DeadReason::UnknownKind("later".to_owned()),
+                "unknown kind `later`",
+            ),
+            (
+                DeadReason::Failed {
+                    kind: "timeout".to_owned(),
+                    message: "ran past its time limit of 100 ms".to_owned(),
+                },
+                "timeout: ran past its time limit of 100 ms",
+            ),
+            (
+                DeadReason::Panicked("boom".to_owned()),
+                "panicked while handling: boom",
+            ),
+            (
+                DeadReason::Misrouted {
+                    what: "result",
+                    exchange: "fleet.batches".to_owned(),
+                    allowed: "fleet.results",
+                },
+                "a result arrived through exchange `fleet.batches`; only `fleet.results` may carry one",
+            ),
+            (
+                DeadReason::Broker {
+                    reason: "delivery_limit".to_owned(),
+                    queue: "fleet.tasks.default".to_owned(),
+                },
+                "delivery_limit (broker, queue fleet.tasks.default)",
+            ),
+            (
+                DeadReason::Unroutable {
+                    exchange: "fleet.retry".to_owned(),
+                    routing_key: "sleep".to_owned(),
+                },
+                "unroutable: published to `fleet.retry` with routing key `sleep`",
+            ),
+            (DeadReason::Unknown, "unknown"),
+        ];
+        for (reason, text) in reasons {
+            assert_eq!(reason.to_string(), text);
+            assert_eq!(reason.header(), text);
+        }
+        let undecodable = decode_task(b"{").expect_err("not JSON");
+        assert!(
+            DeadReason::Invalid(undecodable.to_string())
+                .to_string()
+                .starts_with("undecodable body: ")
+        );
+        let long = DeadReason::Panicked("x".repeat(2 * MAX_REASON_BYTES));
+        assert!(long.header().len() <= MAX_REASON_BYTES);
     }
 
     #[test]

@@ -9,7 +9,7 @@ pub mod http;
 pub mod store;
 
 use anyhow::Context as _;
-use fleet_shared::envelope::{self, HEADER_ERROR, ResultMessage};
+use fleet_shared::envelope::{self, DeadReason, HEADER_ERROR, ResultMessage};
 use fleet_shared::observe::{Common, Health, Observer, register};
 use fleet_shared::publisher::{Outgoing, Publisher, header_str};
 use fleet_shared::settings::Settings;
@@ -378,7 +378,7 @@ enum Flush {
 /// Accepts a result only from `fleet.results` and a manifest only from `fleet.batches`, so a
 /// producer cannot forge results nor a consumer manifests. Not the default exchange either: an
 /// admin tool that republishes what another role wrote (`dlq replay`) must never make it trusted.
-fn admit(exchange: &str, message: ResultMessage) -> Result<ResultMessage, String> {
+fn admit(exchange: &str, message: ResultMessage) -> Result<ResultMessage, DeadReason> {
     let (what, allowed) = match &message {
         ResultMessage::Result(_) => ("result", topology::RESULTS_EXCHANGE),
         ResultMessage::Results(_) => ("result group", topology::RESULTS_EXCHANGE),
@@ -387,9 +387,11 @@ fn admit(exchange: &str, message: ResultMessage) -> Result<ResultMessage, String
     if exchange == allowed {
         Ok(message)
     } else {
-        Err(format!(
-            "a {what} arrived through exchange `{exchange}`; only `{allowed}` may carry one"
-        ))
+        Err(DeadReason::Misrouted {
+            what,
+            exchange: exchange.to_owned(),
+            allowed,
+        })
     }
 }
 
@@ -427,7 +429,7 @@ async fn flush(
     let mut messages = Vec::with_capacity(group.len());
     for delivery in group.iter() {
         let admitted = envelope::decode_result(&delivery.data)
-            .map_err(|e| e.to_string())
+            .map_err(|e| DeadReason::Invalid(e.to_string()))
             .and_then(|message| admit(delivery.exchange.as_str(), message));
         match admitted {
             Ok(message) => messages.push(message),
@@ -435,7 +437,7 @@ async fn flush(
                 tracing::warn!(
                     task_id = delivery.properties.message_id().as_ref().map_or("-", |id| id.as_str()),
                     trace_id = TraceParent::of(&delivery.properties).map_or_else(String::new, |t| t.trace_id()),
-                    reason = %fleet_shared::telemetry::printable(&reason),
+                    reason = %fleet_shared::telemetry::printable(&reason.to_string()),
                     "dead-lettering a message on the result path"
                 );
                 metrics.dead_lettered.inc();
@@ -444,7 +446,7 @@ async fn flush(
                     topology::RESULTS_QUEUE,
                     delivery.data.clone(),
                     &delivery.properties,
-                    vec![(HEADER_ERROR, header_str(&envelope::reason_header(&reason)))],
+                    vec![(HEADER_ERROR, header_str(&reason.header()))],
                 ))
                 .await
                 .map_err(|e| match e.permission() {

@@ -19,7 +19,7 @@ pub mod metrics;
 pub mod pool;
 pub mod progress;
 pub mod registry;
-pub mod results;
+pub mod settle;
 pub mod worker;
 
 use acks::Acks;
@@ -31,11 +31,11 @@ use fleet_shared::{amqp, status, topology};
 use futures_util::StreamExt;
 use metrics::Metrics;
 use registry::Registry;
-use results::Results;
+use settle::{Results, Settle};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use worker::{Settle, Worker};
+use worker::Worker;
 
 /// Runs a consumer until `shutdown` is cancelled, then drains: no new deliveries, in-flight tasks
 /// finish within `consumer.grace_period_secs`, unstarted ones are handed back to the work queue

@@ -1,24 +1,20 @@
 //! One delivery from start to ack: check, decode, run the handler in its slot, publish the
 //! result (or the retry, or the dead letter) with a confirm, and only then ack.
 
-use crate::acks::Acks;
 use crate::disposition::{self, Disposition, Outcome};
 use crate::metrics::{Busy, Metrics, TaskOutcome, UNKNOWN as UNKNOWN_KIND};
 use crate::pool::ComputePool;
 use crate::registry::{HandlerError, Registry, TaskContext, Work};
-use crate::results::Results;
+use crate::settle::{self, Settle, SettleError};
 use chrono::Utc;
 use fleet_shared::envelope::{self, DeadReason, ErrorInfo, Status, TaskResult};
 use fleet_shared::error::PermissionError;
-use fleet_shared::publisher::{Outgoing, PublishError, Publisher, header_str};
 use fleet_shared::settings::Settings;
 use fleet_shared::telemetry::printable;
-use fleet_shared::topology;
 use fleet_shared::trace::TraceParent;
 use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
-use lapin::options::BasicNackOptions;
 use lapin::types::AMQPValue;
 use serde_json::Value;
 use std::panic::AssertUnwindSafe;
@@ -52,35 +48,12 @@ struct Slot {
     _busy: Busy,
 }
 
-/// Where a delivery is settled: the confirmed publisher on its connection and the acker of the
-/// channel it came on.
-pub struct Settle {
-    /// Retries and dead letters.
-    pub publisher: Publisher,
-    /// Results, alone or grouped.
-    pub results: Results,
-    /// Acks, batched.
-    pub acks: Acks,
-}
-
 /// How a delivery ended.
 enum Settled {
     /// Its result, retry or dead letter is confirmed: ack it.
     Confirmed,
     /// Draining before it started: it is handed back ([`Worker::give_back`]).
     Unstarted,
-}
-
-/// Why a delivery could not be settled; it is returned to the queue (or, with the channel gone,
-/// redelivered by the broker).
-#[derive(Debug, thiserror::Error)]
-pub enum SettleError {
-    /// A result, retry or dead-letter publish was not confirmed.
-    #[error(transparent)]
-    Publish(#[from] PublishError),
-    /// The session's result publisher ended before confirming (its session is over).
-    #[error("the result publisher of this session stopped")]
-    ResultsStopped,
 }
 
 impl Worker {
@@ -149,7 +122,7 @@ impl Worker {
                 let who = published_by(&delivery, self.own_user.as_deref());
                 self.metrics.ended(UNKNOWN_KIND, TaskOutcome::Rejected);
                 self.metrics.dead_lettered(UNKNOWN_KIND);
-                dead_letter(
+                settle::dead_letter(
                     &channel.publisher,
                     &delivery,
                     &reason,
@@ -181,7 +154,7 @@ impl Worker {
                     "could not settle the task; returning it to the queue"
                 );
                 // If the channel is gone this fails too, and the broker redelivers anyway.
-                let _ = requeue(&delivery).await;
+                let _ = settle::requeue(&delivery).await;
                 channel.acks.returned(tag);
             }
         }
@@ -199,7 +172,7 @@ impl Worker {
         let max = self.settings.consumer.max_message_bytes;
         let reject = |reason: DeadReason| async move {
             self.metrics.received(UNKNOWN_KIND);
-            dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await?;
+            settle::dead_letter(publisher, delivery, &reason, attempt_of(delivery), who).await?;
             self.metrics.ended(UNKNOWN_KIND, TaskOutcome::Rejected);
             self.metrics.dead_lettered(UNKNOWN_KIND);
             Ok(Settled::Confirmed)
@@ -329,27 +302,14 @@ impl Worker {
             }
             Disposition::Retry { delay_ms } => {
                 tracing::debug!(task_id = %task.id, attempt, delay_ms, "retrying");
-                let mut headers = vec![
-                    (
-                        envelope::HEADER_ATTEMPT,
-                        AMQPValue::LongLongInt(attempt.saturating_add(1).into()),
-                    ),
-                    (
-                        envelope::HEADER_DELAY,
-                        header_str(&topology::delay_key(delay_ms)),
-                    ),
-                ];
-                if let Some(who) = who {
-                    headers.push((envelope::HEADER_PUBLISHED_BY, header_str(who)));
-                }
-                let retry = Outgoing::forward(
-                    topology::RETRY_EXCHANGE,
-                    delivery.routing_key.as_str(),
-                    delivery.data.clone(),
-                    &delivery.properties,
-                    headers,
-                );
-                publisher.publish(retry).await?;
+                settle::retry(
+                    publisher,
+                    delivery,
+                    attempt.saturating_add(1),
+                    delay_ms,
+                    who,
+                )
+                .await?;
                 self.metrics.ended(kind, TaskOutcome::Retried);
                 Ok(Settled::Confirmed)
             }
@@ -367,7 +327,8 @@ impl Worker {
                 tracing::warn!(task_id = %task.id, kind = %task.kind, attempts = attempt.saturating_add(1), reason = %printable(&reason.to_string()), "task failed");
                 // The dead letter first: if it is refused, nothing is stored and the task runs
                 // again, so the stored outcome is the last run's (docs/DELIVERY.md, "A failure").
-                dead_letter(publisher, delivery, &reason, attempt.saturating_add(1), who).await?;
+                settle::dead_letter(publisher, delivery, &reason, attempt.saturating_add(1), who)
+                    .await?;
                 channel
                     .results
                     .publish(result(Status::Failed, None, error))
@@ -391,25 +352,14 @@ impl Worker {
     pub async fn give_back(&self, delivery: &Delivery, channel: &Settle) {
         let tag = delivery.delivery_tag;
         let who = published_by(delivery, self.own_user.as_deref());
-        let mut headers = vec![(envelope::HEADER_DELAY, header_str(topology::NO_DELAY))];
-        if let Some(who) = &who {
-            headers.push((envelope::HEADER_PUBLISHED_BY, header_str(who)));
-        }
-        let copy = Outgoing::forward(
-            topology::RETRY_EXCHANGE,
-            delivery.routing_key.as_str(),
-            delivery.data.clone(),
-            &delivery.properties,
-            headers,
-        );
-        match channel.publisher.publish(copy).await {
+        match settle::hand_back(&channel.publisher, delivery, who.as_deref()).await {
             Ok(()) => {
                 channel.acks.ack(tag);
                 self.metrics.handed_back();
             }
             Err(error) => {
                 tracing::warn!(message_id = ?delivery.properties.message_id(), %error, "could not hand back an unstarted task; returning it to the queue");
-                if let Err(error) = requeue(delivery).await {
+                if let Err(error) = settle::requeue(delivery).await {
                     tracing::debug!(%error, "could not return an unstarted task; the broker will");
                 }
                 channel.acks.returned(tag);
@@ -474,45 +424,6 @@ impl Worker {
     }
 }
 
-/// Publishes a copy of the delivery to `fleet.dead` with the reason, the attempts made in all and
-/// the time, and waits for its confirm; the caller then acks the original.
-async fn dead_letter(
-    publisher: &Publisher,
-    delivery: &Delivery,
-    reason: &DeadReason,
-    attempts: u32,
-    who: Option<&str>,
-) -> Result<(), SettleError> {
-    tracing::warn!(message_id = ?delivery.properties.message_id(), reason = %printable(&reason.to_string()), "dead-lettering");
-    let mut headers = vec![
-        (envelope::HEADER_ERROR, header_str(&reason.header())),
-        (
-            envelope::HEADER_ROUTING_KEY,
-            header_str(delivery.routing_key.as_str()),
-        ),
-        (
-            envelope::HEADER_ATTEMPT,
-            AMQPValue::LongLongInt(attempts.into()),
-        ),
-        (
-            envelope::HEADER_DEAD_AT,
-            AMQPValue::Timestamp(u64::try_from(Utc::now().timestamp()).unwrap_or_default()),
-        ),
-    ];
-    if let Some(who) = who {
-        headers.push((envelope::HEADER_PUBLISHED_BY, header_str(who)));
-    }
-    let copy = Outgoing::forward(
-        topology::DEAD_EXCHANGE,
-        delivery.routing_key.as_str(),
-        delivery.data.clone(),
-        &delivery.properties,
-        headers,
-    );
-    publisher.publish(copy).await?;
-    Ok(())
-}
-
 /// Runs an inline handler in the delivery's own task; a panic becomes a permanent failure.
 async fn run_inline(
     future: BoxFuture<'static, Result<Value, HandlerError>>,
@@ -566,17 +477,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned())
-}
-
-/// Returns a delivery to its queue.
-async fn requeue(delivery: &Delivery) -> lapin::Result<()> {
-    delivery
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        })
-        .await
-        .map(drop)
 }
 
 /// Who published the task, as far as the broker vouches for it: the AMQP `user_id` (the broker

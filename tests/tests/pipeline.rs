@@ -258,7 +258,7 @@ async fn a_group_of_large_results_is_split_below_the_message_limit() {
         },
     )
     .await;
-    let limit = fleet_consumer::results::MAX_GROUP_BYTES;
+    let limit = fleet_consumer::settle::MAX_GROUP_BYTES;
     assert!(
         waiting
             .iter()
